@@ -1,0 +1,101 @@
+"""The on-disk cache: where it lives, atomic directory writes, and checksum manifests.
+
+Every directory the cache hands out was written to a temporary sibling first and renamed into
+place only when complete, and carries a manifest of SHA-256 checksums. A directory without a
+manifest, or whose files do not match it, is never accepted: it is moved aside and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "hywia_manifest.json"
+_HASH_CHUNK = 1 << 22
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`--cache-dir` wins, then `HYWIA_CACHE_DIR`, then `~/.cache/hywia`."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("HYWIA_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "hywia"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> dict[str, str]:
+    """Checksum every file in `directory` (recursively) into its manifest; returns the checksums."""
+    checksums = {
+        str(path.relative_to(directory)): sha256_file(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps({"sha256": checksums}, indent=1, sort_keys=True))
+    return checksums
+
+
+def verify_manifest(directory: Path) -> str | None:
+    """None when `directory` is complete and intact, else the reason it is not."""
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        return f"{directory} has no {MANIFEST_NAME} (an interrupted or foreign write)"
+    try:
+        checksums = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError) as exc:
+        return f"{manifest} is unreadable: {exc}"
+    for name, expected in checksums.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != expected:
+            return f"{path} does not match its checksum (corrupted)"
+    return None
+
+
+def move_aside(directory: Path, reason: str) -> Path:
+    """Keep a rejected cache entry for inspection instead of deleting a user's bytes."""
+    target = directory.with_name(f"{directory.name}.rejected-{int(time.time())}")
+    log.warning("cache entry %s rejected: %s; moved to %s and rebuilding", directory, reason, target)
+    directory.rename(target)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path):
+    """Yield a temporary sibling directory; on success write its manifest and rename it to `final`.
+
+    On any exception (or a kill) the temporary directory is left with a `.tmp-` name that no
+    loader accepts, and is removed here when Python unwinds normally.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        write_manifest(staging)
+        if final.exists():
+            # A concurrent writer finished first; its result is equivalent (same content key).
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

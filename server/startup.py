@@ -1,0 +1,212 @@
+"""Start-up: resolve the source, prune or load the cached export, start the engines.
+
+It runs as a background task after the HTTP port is open, so `/health` can say what is happening
+(`loading`, `pruning`, `starting-engine`) while it does, and `ready` once every model is served.
+Blocking work (hashing, pruning, loading weights) runs in threads so the event loop keeps
+answering. Every phase is logged with its duration and exported as a metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from hywia.errors import HywiaError
+from server.engines import resolve_engine_kind, start_engine
+from server.engines.base import EngineSettings
+from server.metrics import ServerMetrics
+from server.registry import CheckpointSize, ModelRegistry, ServedModel, checkpoint_size
+
+log = logging.getLogger(__name__)
+
+# Two vLLM engines on one GPU (pruned and dense): each may take this share of its memory.
+_SHARED_GPU_MEMORY_SHARE = 0.45
+# Loading a checkpoint needs its weights plus working room (tokenizer, activations, allocator slack).
+_LOAD_HEADROOM = 1.2
+
+
+class Phase(str, enum.Enum):
+    LOADING = "loading"
+    PRUNING = "pruning"
+    STARTING_ENGINE = "starting-engine"
+    READY = "ready"
+    FAILED = "failed"
+
+
+# prepare_export's own phase names → what /health reports.
+_EXPORT_PHASES = {"loading": Phase.LOADING, "pruning": Phase.PRUNING, "exporting": Phase.PRUNING}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    source: str | None  # None: the built-in default model
+    prune: object | None  # hywia.pipeline.PruneOptions; None (or ratio 0) serves the source as it is
+    engine: str = "auto"
+    engine_settings: EngineSettings = field(default_factory=EngineSettings)
+    serve_dense: bool = False
+    model_name: str | None = None  # id of the served (pruned) model; derived from the source if None
+    cache_dir: str | None = None
+    allow_pickle: bool = False
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune is not None and getattr(self.prune, "ratio", 0) > 0
+
+
+class ServerState:
+    """What the routes need to know: the start-up phase, the served models, the metrics."""
+
+    def __init__(self, metrics: ServerMetrics | None = None):
+        self.phase = Phase.LOADING
+        self.error: str | None = None
+        self.registry = ModelRegistry()
+        self.metrics = metrics or ServerMetrics()
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+
+async def start_serving(config: ServeConfig, state: ServerState,
+                        on_failure: Callable[[str], None] | None = None) -> None:
+    """Bring every model up; leaves `state` READY, or FAILED with the reason (never raises)."""
+    started = time.perf_counter()
+    try:
+        await _start(config, state)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        state.error = str(exc) if isinstance(exc, HywiaError) else f"{type(exc).__name__}: {exc}"
+        state.phase = Phase.FAILED
+        log.error("start-up failed: %s", state.error, exc_info=not isinstance(exc, HywiaError))
+        if on_failure is not None:
+            on_failure(state.error)
+        return
+    state.phase = Phase.READY
+    log.info("ready in %.1f s: serving %s", time.perf_counter() - started,
+             ", ".join(m.model_id for m in state.registry.all()))
+
+
+async def stop_serving(state: ServerState) -> None:
+    for served in state.registry.all():
+        try:
+            await served.engine.shutdown()
+        except Exception:  # one engine failing to stop must not keep the others running
+            log.exception("shutting down the engine of %s failed", served.model_id)
+
+
+async def _start(config: ServeConfig, state: ServerState) -> None:
+    from hywia.models import resolve_source
+
+    with _phase(state, Phase.LOADING):
+        resolved = await asyncio.to_thread(resolve_source, config.source, config.cache_dir, config.allow_pickle)
+    base_name = _base_name(resolved.source)
+    source_size = await asyncio.to_thread(checkpoint_size, resolved.directory)
+
+    served_directory, report, cache_hit = resolved.directory, None, None
+    model_id = config.model_name or base_name
+    if config.prunes:
+        export = await _prune_or_load(config, state, resolved.source)
+        served_directory, report, cache_hit = export.directory, export.report, export.cache_hit
+        model_id = config.model_name or f"{base_name}-pruned{round(config.prune.ratio * 100)}"
+        metrics_counter = state.metrics.cache_hits if export.cache_hit else state.metrics.cache_misses
+        metrics_counter.labels(model_id).inc()
+        state.metrics.pruning_seconds.labels(model_id).set(0.0 if export.cache_hit else export.seconds)
+    elif config.serve_dense:
+        log.warning("--serve-dense ignored: nothing is pruned (ratio 0), so the served model is the dense one")
+
+    kind = resolve_engine_kind(config.engine)
+    two_models = config.serve_dense and config.prunes
+    share = _SHARED_GPU_MEMORY_SHARE if two_models else None
+    with _phase(state, Phase.STARTING_ENGINE):
+        await _serve(state, kind, config.engine_settings, model_id, served_directory, source_size, report,
+                     cache_hit, share)
+        if two_models:
+            if model_id == base_name:
+                raise HywiaError(f"--model-name {model_id!r} is also the dense model's id",
+                                 "choose another --model-name")
+            _check_dense_fits(kind, source_size, config.engine_settings)
+            await _serve(state, kind, config.engine_settings, base_name, resolved.directory, source_size,
+                         None, None, share)
+
+
+async def _prune_or_load(config: ServeConfig, state: ServerState, source: str):
+    from hywia.pipeline import prepare_export
+
+    def on_phase(name: str) -> None:  # called from the pruning thread; a plain assignment is safe
+        state.phase = _EXPORT_PHASES.get(name, state.phase)
+        log.info("export phase: %s", name)
+
+    with _phase(state, Phase.PRUNING):
+        export = await asyncio.to_thread(prepare_export, source, config.prune, config.cache_dir,
+                                         config.allow_pickle, on_phase)
+    if export.cache_hit:
+        log.info("pruned export: cache hit at %s (no pruning)", export.directory)
+    else:
+        log.info("pruned export: built in %.1f s at %s", export.seconds, export.directory)
+    return export
+
+
+async def _serve(state: ServerState, kind: str, settings: EngineSettings, model_id: str, directory: Path,
+                 unpruned: CheckpointSize, report: dict | None, cache_hit: bool | None,
+                 gpu_memory_share: float | None) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, directory)
+    size = await asyncio.to_thread(checkpoint_size, directory)
+    engine = await start_engine(kind, directory, settings, model_id, gpu_memory_share)
+    state.registry.add(ServedModel(model_id=model_id, directory=directory, engine=engine, tokenizer=tokenizer,
+                                   created=int(time.time()), size=size, unpruned_size=unpruned, report=report,
+                                   cache_hit=cache_hit))
+    metrics = state.metrics
+    for checkpoint, measured in (("served", size), ("unpruned", unpruned)):
+        metrics.parameters.labels(model_id, checkpoint).set(measured.parameters)
+        metrics.weight_bytes.labels(model_id, checkpoint).set(measured.weight_bytes)
+    metrics.watch_engine(model_id, engine)
+    log.info("%s engine serving %s (%d parameters, %.1f MiB of weights, context %d)", kind, model_id,
+             size.parameters, size.weight_bytes / 2**20, engine.max_model_len)
+
+
+def _check_dense_fits(kind: str, dense: CheckpointSize, settings: EngineSettings) -> None:
+    """Refuse --serve-dense up front when host memory clearly cannot hold the dense model too.
+
+    On a GPU, vLLM checks its own share of device memory and says so when the weights do not fit.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    kv_cache = (settings.kv_cache_bytes or 0) if kind == "vllm" else 0
+    needed = dense.weight_bytes * _LOAD_HEADROOM + kv_cache
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise HywiaError(
+            f"--serve-dense: the dense model needs about {needed / 2**30:.1f} GiB but only "
+            f"{available / 2**30:.1f} GiB of memory is free beside the pruned one",
+            "drop --serve-dense (serve the dense model from a second server on another machine), or "
+            "pass a smaller --kv-cache-bytes",
+        )
+
+
+def _base_name(source: str) -> str:
+    """A model id from what the user passed: the directory or file name, or the hub id's name."""
+    return Path(source.rstrip("/")).stem if source.endswith(".gguf") else Path(source.rstrip("/")).name
+
+
+@contextmanager
+def _phase(state: ServerState, phase: Phase):
+    state.phase = phase
+    started = time.perf_counter()
+    log.info("start-up phase: %s", phase.value)
+    yield
+    seconds = time.perf_counter() - started
+    state.metrics.startup_phase_seconds.labels(phase.value).set(seconds)
+    log.info("start-up phase %s took %.1f s", phase.value, seconds)

@@ -79,11 +79,13 @@ def move_aside(directory: Path, reason: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path):
+def atomic_directory(final: Path, replace: bool = False):
     """Yield a temporary sibling directory; on success write its manifest and rename it to `final`.
 
-    On any exception (or a kill) the temporary directory is left with a `.tmp-` name that no
-    loader accepts, and is removed here when Python unwinds normally.
+    On any exception the temporary directory is removed; if the process is killed it stays behind
+    under a `.tmp-` name that no loader accepts. With `replace`, an existing `final` is swapped out
+    only after the new directory is complete; otherwise an existing `final` (a concurrent writer
+    that finished first, with the same content key) wins and the new copy is dropped.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
@@ -91,8 +93,12 @@ def atomic_directory(final: Path):
     try:
         yield staging
         write_manifest(staging)
-        if final.exists():
-            # A concurrent writer finished first; its result is equivalent (same content key).
+        if final.exists() and replace:
+            retired = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        elif final.exists():
             shutil.rmtree(staging)
         else:
             os.replace(staging, final)

@@ -12,6 +12,7 @@ from tests.test_arch import save_per_layer_export
 
 pytestmark = pytest.mark.slow
 
+KV_CACHE_BYTES = 64 * 2**20
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "To be, or not to be", "It was the best"]
 NEW_TOKENS = 16
 
@@ -30,7 +31,7 @@ def engine(export_dir):
     # The engine core runs in a spawned process, so the architecture reaches it only through the
     # entry point, exactly as with `vllm serve`; nothing is registered in this process first.
     llm = vllm.LLM(model=str(export_dir), dtype="float32", enforce_eager=True, max_model_len=128,
-                   max_num_seqs=4, kv_cache_memory_bytes=64 * 2**20, seed=0)
+                   max_num_seqs=4, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
     yield llm
     del llm
 
@@ -57,6 +58,19 @@ def test_vllm_builds_per_layer_shapes(engine):
     assert config.model_type == "hywia_llama"
     assert config.layer_num_key_value_heads == [2, 1, 1]
     assert engine.llm_engine.model_config.architectures == ["HywiaLlamaForCausalLM"]
+
+
+def test_vllm_kv_cache_holds_per_layer_heads(engine, export_dir):
+    """vLLM sizes each layer's KV cache by that layer's KV heads, as hywia.memory_fit counts it
+    (a cache sized for the widest layer everywhere would hold 2/3 of these tokens here)."""
+    import json
+
+    from hywia.memory_fit import kv_cache_bytes_per_token
+
+    per_token = kv_cache_bytes_per_token(json.loads((export_dir / "config.json").read_text()), kv_bytes=4)
+    cache_config = engine.llm_engine.vllm_config.cache_config
+    tokens = cache_config.num_gpu_blocks * cache_config.block_size
+    assert KV_CACHE_BYTES // per_token - cache_config.block_size < tokens <= KV_CACHE_BYTES // per_token
 
 
 def test_vllm_greedy_equals_transformers_greedy(engine, export_dir):

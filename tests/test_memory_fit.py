@@ -138,11 +138,12 @@ def test_parse_count(text, count):
 def test_uniform_shape_follows_the_plan_rule():
     """The config arithmetic keeps what hywia.plan's uniform layout keeps, so the ratio chosen here is
     the ratio the pruning then applies (compared on a real, smaller, model)."""
-    plan = pytest.importorskip("hywia.plan")
+    from hywia.plan import uniform_keep_counts
+
     config = {"hidden_size": 576, "num_hidden_layers": 4, "num_attention_heads": 9, "num_key_value_heads": 3,
               "intermediate_size": 1536, "vocab_size": 2048, "head_dim": 64}
     model = LlamaForCausalLM(LlamaConfig(**config))
     for ratio in (0.1, 0.3, 0.5, 0.7):
-        counts = plan.uniform_keep_counts(model, ratio)
+        counts = uniform_keep_counts(model, ratio)
         shape = uniform_pruned_config(config, ratio)
         assert (shape["num_key_value_heads"], shape["intermediate_size"]) == (counts.kv_groups, counts.mlp_channels)

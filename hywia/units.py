@@ -79,10 +79,6 @@ def unit_param_count(layer, kind: str) -> int:
 
 
 def count_parameters(model) -> int:
-    """Unique parameters (tied embeddings counted once), the denominator of the pruning ratio."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:
-            seen.add(param.data_ptr())
-            total += param.numel()
-    return total
+    """All parameters, tied embeddings counted once (`parameters()` yields a shared tensor once);
+    the denominator of the pruning ratio. Works on the meta device too."""
+    return sum(param.numel() for param in model.parameters())

@@ -64,3 +64,15 @@ def tiny_mha_dir(tmp_path) -> Path:
     from tests.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path / "tiny-mha", gqa=False)
+
+
+# The real default model pruned at 20% with default options: pruned once per machine (cached in the
+# test cache), shared by the export, engine and server tests.
+DEFAULT_EXPORT_RATIO = 0.2
+
+
+@pytest.fixture(scope="session")
+def pruned_default_export(test_cache, default_model_dir):
+    from hywia.pipeline import PruneOptions, prepare_export
+
+    return prepare_export(None, PruneOptions(ratio=DEFAULT_EXPORT_RATIO), cache_dir=test_cache)

@@ -71,23 +71,20 @@ class ServerMetrics:
         self.cache_misses = Counter(
             "hywia_cache_misses", "Pruned exports that had to be built at start-up.", model,
             registry=self.registry)
-        self.registry.register(_MemoryCollector(lambda: self._engine_memory()))
         self._engines: dict[str, object] = {}
+        self.registry.register(_EngineCollector(lambda: list(self._engines.items())))
 
     def watch_engine(self, model_id: str, engine) -> None:
         """Report this engine's memory under its model id from now on."""
         self._engines[model_id] = engine
 
-    def _engine_memory(self) -> Iterable[tuple[str, object]]:
-        return list(self._engines.items())
-
     def render(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(REGISTRY)
 
 
-class _MemoryCollector:
-    """Memory read at scrape time: this process, its children (vLLM's engine processes), and what
-    each engine reports about its accelerator."""
+class _EngineCollector:
+    """Read at scrape time: memory of this process and of its children (vLLM's engine processes),
+    what each engine reports about its accelerator, and the requests each engine is working on."""
 
     def __init__(self, engines: Callable[[], Iterable[tuple[str, object]]]):
         self._engines = engines
@@ -131,6 +128,13 @@ class _MemoryCollector:
         yield allocated
         yield reserved
         yield kv_cache
+        running = GaugeMetricFamily(
+            "hywia_engine_running_requests",
+            "Sequences the engine is generating or has queued (aborted ones leave at once).",
+            labels=["model"])
+        for model_id, engine in self._engines():
+            running.add_metric([model_id], engine.running_requests())
+        yield running
         used = _accelerator_used_bytes()
         if used:
             device_used = GaugeMetricFamily(

@@ -1,0 +1,381 @@
+"""The OpenAI API end to end: a real `hywia serve` process on a free loopback port, the official
+`openai` client (and httpx where a raw body matters), on both engines:
+
+* torch: a tiny random LLaMA, pruned at 20% at start-up, served next to its dense original;
+* vllm (slow): the real default model (SmolLM2-135M-Instruct) pruned at 20%, started once.
+
+Every test here runs against both; engine-specific checks live in their own modules.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from server.process import ServerProcess, free_port
+from server.scrape import scrape
+from tests.conftest import TEST_CACHE
+
+API_KEY = "test-key"
+STARTUP_PHASES = {"loading", "pruning", "starting-engine"}
+LONG_ANSWER = "Write a long story about a cat who travels around the world."
+
+
+@dataclass
+class Served:
+    engine: str
+    process: ServerProcess
+    model: str  # the pruned model's id
+    dense_model: str | None
+    tokenizer: object
+    context: int
+
+    @property
+    def url(self) -> str:
+        return self.process.base_url
+
+    def client(self, api_key: str = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=300)
+
+    def metrics(self):
+        return scrape(self.url)
+
+
+def serve_command(source: str | None, port: int, cache_dir: Path, *extra: str) -> list[str]:
+    command = [sys.executable, "-m", "hywia.cli", "serve"]
+    if source is not None:
+        command.append(source)
+    return command + ["--port", str(port), "--cache-dir", str(cache_dir), "--api-key", API_KEY, *extra]
+
+
+def start(command: list[str], port: int, log_path: Path, timeout: float) -> ServerProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    process = ServerProcess(command, port, log_path, env=env).start()
+    try:
+        process.wait_until_ready(timeout)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+def tiny_server_options() -> list[str]:
+    # Few, short calibration samples: the tiny model prunes in seconds.
+    return ["--engine", "torch", "--ratio", "0.2", "--samples", "4", "--seq-len", "32"]
+
+
+@pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.slow)])
+def served(request, tmp_path_factory) -> Served:
+    work = tmp_path_factory.mktemp(f"serve-{request.param}")
+    port = free_port()
+    if request.param == "torch":
+        from tests.tiny import save_tiny_model
+
+        # A context long enough that a 1000-token answer takes seconds: the disconnect test needs
+        # a generation still running when its client leaves.
+        source = save_tiny_model(work / "tiny", gqa=True, max_position_embeddings=2048)
+        cache_dir = work / "cache"
+        command = serve_command(str(source), port, cache_dir, *tiny_server_options(), "--serve-dense")
+        model, dense_model, timeout = "tiny-pruned20", "tiny", 300
+    else:
+        # The shared test cache: the default model is converted, and its export pruned, once per machine.
+        command = serve_command(None, port, TEST_CACHE, "--engine", "vllm", "--ratio", "0.2",
+                                "--kv-cache-bytes", "256MiB", "--max-model-len", "2048")
+        model, dense_model, timeout = "smollm2-135m-instruct-pruned20", None, 1500
+    process = start(command, port, work / "server.log", timeout)
+    try:
+        report = httpx.get(f"{process.base_url}/v1/hywia/report",
+                           headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        served_model = next(entry for entry in report["data"] if entry["model"] == model)
+        tokenizer = AutoTokenizer.from_pretrained(served_model["directory"])
+        context = next(card["max_model_len"] for card in httpx.get(
+            f"{process.base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
+            if card["id"] == model)
+        yield Served(request.param, process, model, dense_model, tokenizer, context)
+    finally:
+        process.stop()
+
+
+def chat_prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def greedy_completion(served: Served, prompt: str, max_tokens: int, **extra):
+    return served.client().completions.create(model=served.model, prompt=prompt, max_tokens=max_tokens,
+                                              temperature=0, **extra)
+
+
+# ------------------------------------------------------------------------------------ start-up
+
+
+def test_health_says_the_phase_until_ready(served):
+    statuses = [(status, body["status"]) for status, body in served.process.health_seen]
+    assert statuses[-1] == (200, "ready")
+    before_ready = statuses[:-1]
+    assert before_ready, "the port should answer /health while the model is still being prepared"
+    assert all(status == 503 and phase in STARTUP_PHASES for status, phase in before_ready)
+
+
+def test_models_lists_every_served_model(served):
+    ids = {model.id for model in served.client().models.list()}
+    assert ids == {served.model} | ({served.dense_model} if served.dense_model else set())
+
+
+def test_report_describes_the_pruning(served):
+    response = httpx.get(f"{served.url}/v1/hywia/report", headers={"Authorization": f"Bearer {API_KEY}"})
+    entries = {entry["model"]: entry for entry in response.json()["data"]}
+    pruned = entries[served.model]
+    assert pruned["pruned"] is True
+    assert pruned["report"]["params_after"] < pruned["report"]["params_before"]
+    assert pruned["parameters"] == pruned["report"]["params_after"]
+    assert pruned["weight_bytes"] < pruned["unpruned_weight_bytes"]
+    if served.dense_model:
+        assert entries[served.dense_model]["pruned"] is False
+        assert entries[served.dense_model]["report"] is None
+
+
+# ------------------------------------------------------------------------------------ generation
+
+
+def test_chat_usage_matches_tokenizer_and_max_tokens(served):
+    messages = [{"role": "user", "content": LONG_ANSWER}]
+    response = served.client().chat.completions.create(model=served.model, messages=messages, max_tokens=12,
+                                                       temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    assert response.usage.prompt_tokens == chat_prompt_tokens(served.tokenizer, messages)
+    assert response.usage.completion_tokens == 12
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 12
+    assert response.model == served.model
+
+
+def test_completion_usage_matches_tokenizer(served):
+    prompt = "Once upon a time, in a small village by the sea,"
+    response = greedy_completion(served, prompt, max_tokens=7)
+    assert response.usage.prompt_tokens == len(served.tokenizer(prompt).input_ids)
+    assert response.usage.completion_tokens == 7
+    assert response.choices[0].finish_reason == "length"
+    assert response.choices[0].text
+
+
+def test_stop_string_ends_the_text_before_it(served):
+    prompt = "The history of the city begins"
+    full = greedy_completion(served, prompt, max_tokens=24).choices[0].text
+    # A stop string that first occurs inside the text, not at its start.
+    start = next(i for i in range(2, len(full) - 2) if full.find(full[i:i + 2]) == i and full[i:i + 2].strip())
+    stop = full[start:start + 2]
+    response = greedy_completion(served, prompt, max_tokens=24, stop=[stop])
+    assert response.choices[0].text == full[:start]
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.completion_tokens <= 24
+
+
+def test_completion_stream_parses_and_matches_the_whole_answer(served):
+    prompt = "In the morning the market was"
+    whole = greedy_completion(served, prompt, max_tokens=10)
+    chunks = list(greedy_completion(served, prompt, max_tokens=10, stream=True,
+                                    stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) >= 2
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_stream_parses_and_matches_the_whole_answer(served):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": LONG_ANSWER}]
+    client = served.client()
+    whole = client.chat.completions.create(model=served.model, messages=messages, max_tokens=9, temperature=0)
+    chunks = list(client.chat.completions.create(model=served.model, messages=messages, max_tokens=9,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)  # no include_usage, no usage chunk
+
+
+def test_n_choices_are_seeded_and_reproducible(served):
+    def ask():
+        return served.client().completions.create(model=served.model, prompt=LONG_ANSWER, max_tokens=6, n=3,
+                                                  temperature=1.0, seed=1234)
+
+    first, second = ask(), ask()
+    assert sorted(c.index for c in first.choices) == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len({c.text for c in first.choices}) > 1, "each choice should get its own seed"
+    assert all(c.finish_reason == "length" for c in first.choices)
+    assert first.usage.completion_tokens == 18 and first.usage.prompt_tokens == len(
+        served.tokenizer(LONG_ANSWER).input_ids)
+
+
+def test_max_tokens_is_capped_to_what_fits_in_the_context(served):
+    room = 5
+    filler_ids = served.tokenizer("word " * served.context).input_ids[:served.context - room]
+    response = served.client().completions.create(model=served.model, prompt=filler_ids, max_tokens=500,
+                                                  temperature=0)
+    assert response.usage.prompt_tokens == served.context - room
+    assert response.usage.completion_tokens == room
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_the_dense_model_is_served_under_its_own_id(served):
+    if served.dense_model is None:
+        pytest.skip("this server runs without --serve-dense")
+    response = served.client().completions.create(model=served.dense_model, prompt="Hello", max_tokens=3,
+                                                  temperature=0)
+    assert response.model == served.dense_model and response.usage.completion_tokens == 3
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def _post(served: Served, path: str, body=None, key: str | None = API_KEY, raw: bytes | None = None):
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(served.url + path, json=body if raw is None else None, content=raw, headers=headers,
+                      timeout=60)
+
+
+def _chat(model: str, **fields) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+
+
+ERROR_CASES = {
+    # name: (path, body builder, key, raw body, status, code)
+    "missing key": ("/v1/chat/completions", lambda m: _chat(m), None, None, 401, "invalid_api_key"),
+    "wrong key": ("/v1/chat/completions", lambda m: _chat(m), "nope", None, 401, "invalid_api_key"),
+    "unknown model": ("/v1/chat/completions", lambda m: _chat("no-such-model"), API_KEY, None, 404,
+                      "model_not_found"),
+    "malformed json": ("/v1/chat/completions", None, API_KEY, b'{"model": "x", "messages": [', 400, None),
+    "missing messages": ("/v1/chat/completions", lambda m: {"model": m}, API_KEY, None, 400, None),
+    "unknown role": ("/v1/chat/completions",
+                     lambda m: _chat(m, messages=[{"role": "wizard", "content": "x"}]), API_KEY, None, 400, None),
+    "empty messages": ("/v1/chat/completions", lambda m: _chat(m, messages=[]), API_KEY, None, 400, None),
+    "n too large": ("/v1/chat/completions", lambda m: _chat(m, n=10000), API_KEY, None, 400, None),
+    "temperature out of range": ("/v1/completions", lambda m: {"model": m, "prompt": "x", "temperature": 5},
+                                 API_KEY, None, 400, None),
+    "zero max_tokens": ("/v1/completions", lambda m: {"model": m, "prompt": "x", "max_tokens": 0}, API_KEY,
+                        None, 400, None),
+    "logprobs unsupported": ("/v1/completions", lambda m: {"model": m, "prompt": "x", "logprobs": 2}, API_KEY,
+                             None, 400, None),
+    "wrong type": ("/v1/completions", lambda m: {"model": m, "prompt": {"text": "x"}}, API_KEY, None, 400, None),
+    "unknown route": ("/v1/embeddings", lambda m: {"model": m, "input": "x"}, API_KEY, None, 404, None),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_have_the_openai_shape_and_status(served, case):
+    path, body, key, raw, status, code = ERROR_CASES[case]
+    response = _post(served, path, body(served.model) if body else None, key=key, raw=raw)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in response.text
+    if code is not None:
+        assert error["code"] == code
+
+
+def test_prompt_longer_than_the_context_is_a_400(served):
+    too_long = served.tokenizer("word " * (served.context + 10)).input_ids[:served.context + 5]
+    with pytest.raises(openai.BadRequestError) as caught:
+        served.client().completions.create(model=served.model, prompt=too_long, max_tokens=1)
+    assert caught.value.status_code == 400
+    assert caught.value.body["code"] == "context_length_exceeded"
+    # …and the server keeps serving.
+    assert greedy_completion(served, "Still there?", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_the_openai_client_sees_typed_errors(served):
+    with pytest.raises(openai.AuthenticationError):
+        served.client(api_key="wrong").models.list()
+    with pytest.raises(openai.NotFoundError):
+        served.client().completions.create(model="missing", prompt="x", max_tokens=1)
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_move_by_exactly_n_requests(served):
+    before = served.metrics()
+    responses = [greedy_completion(served, f"Request number {i} says", max_tokens=3) for i in range(3)]
+    after = served.metrics()
+    model = served.model
+
+    def moved(name, **labels):
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    assert moved("hywia_requests_total", model=model, status="200") == 3
+    assert moved("hywia_prompt_tokens_total", model=model) == sum(r.usage.prompt_tokens for r in responses)
+    assert moved("hywia_generation_tokens_total", model=model) == sum(r.usage.completion_tokens for r in responses)
+    for histogram in ("hywia_request_latency_seconds", "hywia_time_to_first_token_seconds",
+                      "hywia_time_per_output_token_seconds"):
+        assert moved(f"{histogram}_count", model=model) == 3, histogram
+    assert after.value("hywia_requests_in_flight", model=model) == 0
+
+
+def test_refused_requests_are_counted_by_status(served):
+    before = served.metrics()
+    _post(served, "/v1/completions", {"model": served.model, "prompt": "x", "max_tokens": 0})
+    _post(served, "/v1/completions", {"model": "no-such-model", "prompt": "x"})
+    after = served.metrics()
+    assert after.total("hywia_requests_total", status="400") - before.total("hywia_requests_total", status="400") == 1
+    assert after.total("hywia_requests_total", status="404") - before.total("hywia_requests_total", status="404") == 1
+
+
+def test_metrics_describe_memory_and_size_of_each_model(served):
+    samples = served.metrics()
+    models = [served.model] + ([served.dense_model] if served.dense_model else [])
+    for model in models:
+        for checkpoint in ("served", "unpruned"):
+            assert samples.value("hywia_model_parameters", model=model, checkpoint=checkpoint) > 0
+            assert samples.value("hywia_model_weight_bytes", model=model, checkpoint=checkpoint) > 0
+    assert (samples.value("hywia_model_parameters", model=served.model, checkpoint="served")
+            < samples.value("hywia_model_parameters", model=served.model, checkpoint="unpruned"))
+    assert samples.value("hywia_resident_memory_bytes", process="server") > 0
+    assert ("hywia_engine_running_requests", frozenset({("model", served.model)})) in samples
+
+
+def test_a_client_that_disconnects_aborts_its_generation(served):
+    before = served.metrics()
+    body = {"model": served.model, "prompt": LONG_ANSWER, "max_tokens": 1000, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=headers, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    # Leaving the block closed the connection after one event; the generation must stop.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        samples = served.metrics()
+        if (samples.value("hywia_requests_in_flight", model=served.model) == 0
+                and samples.value("hywia_engine_running_requests", model=served.model) == 0):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the aborted request was still running 30 s after its client left")
+    moved = samples.value("hywia_requests_total", model=served.model, status="499") - before.value(
+        "hywia_requests_total", model=served.model, status="499")
+    assert moved == 1
+    assert samples.value("hywia_generation_tokens_total", model=served.model) - before.value(
+        "hywia_generation_tokens_total", model=served.model) < 1000
+
+
+def test_vllm_series_are_exposed_next_to_ours(served):
+    if served.engine != "vllm":
+        pytest.skip("vLLM's own series exist only where the vLLM engine runs")
+    greedy_completion(served, "One more", max_tokens=2)
+    names = served.metrics().names()
+    for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
+                 "vllm:num_requests_running"):
+        assert name in names, name

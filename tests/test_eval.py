@@ -156,9 +156,12 @@ def test_acc_norm_differs_from_acc_when_choice_lengths_differ(tokenizer):
     assert scores == pytest.approx([-short_tokens * math.log(384), -long_tokens * math.log(384)], rel=1e-6)
 
 
-def test_batched_scores_match_one_request_at_a_time(tokenizer):
+@pytest.mark.parametrize("row_cap", [2048, 12])  # 12 tokens: packed rows overflow and repeat their context
+def test_packed_batched_scores_match_one_request_at_a_time(tokenizer, monkeypatch, row_cap):
+    monkeypatch.setattr("hywia.evaluation.packing.MAX_PACKED_TOKENS", row_cap)
     model = tiny_model()
     texts = [("The quick brown fox", " jumps"), ("The quick brown fox", " sleeps all day long"),
+             ("The quick brown fox", " sleeps all day long"), ("The quick brown fox", " sleeps"),
              ("Call me", " Ishmael."), ("Paris is the capital of", " France"), ("Paris is the capital of", " Spain"),
              ("", " To be, or not to be"), ("It was the best of times, " * 50, "it was the worst of times.")]
     requests = [encode_pair(tokenizer, context, continuation) for context, continuation in texts]

@@ -27,15 +27,26 @@ class TokenScorer:
         return next(self.model.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
     def max_length(self) -> int:
         """The longest input the model accepts (positions), as the harness reads it from the config."""
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
     @torch.inference_mode()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] final hidden states (after the last norm), or [B, T, V] logits without the split."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, H] final hidden states (after the last norm), or [B, T, V] logits without the split.
+
+        attention_mask is the usual [B, T] padding mask, or a ready [B, 1, T, T] additive mask
+        (0 = may attend) for packed rows, which transformers passes to the attention as it is.
+        """
         inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
                   "use_cache": False}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids.to(self.device)
         if self._split:
             return self._decoder(**inputs).last_hidden_state
         return self.model(**inputs).logits
@@ -57,15 +68,3 @@ class TokenScorer:
         if not pieces:
             return torch.zeros(0, dtype=torch.float64)
         return torch.cat(pieces).double().cpu()
-
-
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and their attention mask. Right padding keeps every real token at its own
-    position (no position-id bookkeeping), and a causal model never lets a real token see the pads."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
-    return ids, mask

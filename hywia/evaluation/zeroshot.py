@@ -6,9 +6,9 @@ characters. Tokenization follows the harness: trailing whitespace of the context
 continuation, then `context + continuation` is encoded whole and split at the length of the
 encoded context, so the continuation's tokens are the ones the model would really see.
 
-Speed on a CPU comes from three things: requests sorted by length (little padding), identical
-model inputs run once (BoolQ's "no"/"yes" differ only in the token being scored), and logits
-projected only at the continuation's positions (see scoring.py).
+Speed on a CPU comes from three things: the choices of a question packed into one row so their
+shared context runs once (packing.py), rows sorted by length (little padding), and logits projected
+only at the continuation's positions (scoring.py).
 """
 
 from __future__ import annotations
@@ -21,14 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hywia.errors import HywiaError
-from hywia.evaluation.scoring import TokenScorer, pad_right
+from hywia.evaluation.packing import Request, batch_tensors, pack_requests
+from hywia.evaluation.scoring import TokenScorer
 from hywia.evaluation.tasks import PARTIAL, ChoiceItem, TaskSpec
-
-
-@dataclass(frozen=True)
-class Request:
-    context_ids: tuple[int, ...]
-    continuation_ids: tuple[int, ...]
 
 
 @dataclass
@@ -72,45 +67,32 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def score_requests(scorer: TokenScorer, requests: list[Request], batch_size: int = 16,
                    description: str = "scoring", pad_id: int = 0) -> list[float]:
-    """Sum of log p(continuation tokens | everything before) for each request, in request order."""
-    limit = scorer.max_length
-    input_of_request, targets_of_request = [], []
+    """Sum of log p(continuation tokens | context) for each request, in request order."""
     for request in requests:
         if not request.continuation_ids:
             raise HywiaError("a choice encodes to zero tokens, so it cannot be scored",
                              "check the task file: every choice needs some text")
-        if len(request.continuation_ids) > limit:
+        if len(request.continuation_ids) > scorer.max_length:
             raise HywiaError(f"a continuation of {len(request.continuation_ids)} tokens exceeds the model's "
-                             f"{limit} positions")
-        # The model reads everything but the last token, left-truncated to its context length.
-        full = request.context_ids + request.continuation_ids
-        input_of_request.append(full[-(limit + 1):][:-1])
-        targets_of_request.append(request.continuation_ids)
-
-    # Longest first, so batches hold similar lengths (little padding); ties broken by content so runs repeat.
-    unique_inputs = sorted(set(input_of_request), key=lambda seq: (-len(seq), seq))
-    requests_of_input: dict[tuple[int, ...], list[int]] = {}
-    for index, model_input in enumerate(input_of_request):
-        requests_of_input.setdefault(model_input, []).append(index)
-
+                             f"{scorer.max_length} positions")
+    # Longest rows first, so a batch holds similar lengths (little padding); ties broken by content so
+    # that runs repeat exactly.
+    rows = sorted(pack_requests(requests, scorer.max_length), key=lambda row: (-len(row.tokens), row.tokens))
     scores = [0.0] * len(requests)
     with tqdm(total=len(requests), desc=description, unit="req") as bar:
-        for start in range(0, len(unique_inputs), batch_size):
-            batch_inputs = unique_inputs[start:start + batch_size]
-            ids, mask = pad_right([list(seq) for seq in batch_inputs], pad_id)
-            hidden = scorer.hidden_states(ids, mask)
-            rows, positions, targets, scored = [], [], [], []
-            for row, model_input in enumerate(batch_inputs):
-                for index in requests_of_input[model_input]:
-                    continuation = targets_of_request[index]
-                    first = len(model_input) - len(continuation)  # position that predicts the first target
-                    rows += [row] * len(continuation)
-                    positions += range(first, len(model_input))
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            ids, positions, mask = batch_tensors(batch, pad_id, scorer.dtype)
+            hidden = scorer.hidden_states(ids, mask, positions)
+            batch_rows, readers, targets, scored = [], [], [], []
+            for b, row in enumerate(batch):
+                for index, reader_positions, continuation in row.scored:
+                    batch_rows += [b] * len(reader_positions)
+                    readers += reader_positions
                     targets += continuation
-                    scored.append(index)
-            logprobs = scorer.target_logprobs(hidden[rows, positions], torch.tensor(targets))
-            lengths = [len(targets_of_request[index]) for index in scored]
-            for index, piece in zip(scored, logprobs.split(lengths)):
+                    scored.append((index, len(continuation)))
+            logprobs = scorer.target_logprobs(hidden[batch_rows, readers], torch.tensor(targets))
+            for (index, _), piece in zip(scored, logprobs.split([length for _, length in scored])):
                 scores[index] = float(piece.sum())
             bar.update(len(scored))
     return scores

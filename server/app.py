@@ -13,8 +13,10 @@ from fastapi.responses import JSONResponse, Response
 
 from hywia import __version__
 from server.errors import install_error_handlers, not_ready, unauthorized
+from server.limits import AdmissionGate, BodySizeLimit, ServerLimits
 from server.metrics import CONTENT_TYPE, UNKNOWN_MODEL
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.serving import ServingContext
 from server.serving_chat import create_chat_completion
 from server.serving_completion import create_completion
 from server.startup import Phase, ServeConfig, ServerState, start_serving, stop_serving
@@ -28,10 +30,11 @@ class AccessPolicy:
     protect_metrics: bool = False  # also require the key for /metrics and /health
 
 
-def create_app(config: ServeConfig, access: AccessPolicy = AccessPolicy(), state: ServerState | None = None,
+def create_app(config: ServeConfig, access: AccessPolicy | None = None, limits: ServerLimits | None = None,
+               state: ServerState | None = None,
                on_startup_failure: Callable[[str], None] | None = None) -> FastAPI:
     """An app that starts its models in the background once it is serving (see startup)."""
-    state = state or ServerState()
+    access, limits, state = access or AccessPolicy(), limits or ServerLimits(), state or ServerState()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -45,6 +48,8 @@ def create_app(config: ServeConfig, access: AccessPolicy = AccessPolicy(), state
 
     app = FastAPI(title="hywia", version=__version__, lifespan=lifespan)
     app.state.hywia = state
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    serving = ServingContext(state.registry, state.metrics, AdmissionGate(limits.max_concurrent_requests))
 
     def count_refused(request: Request, status: int) -> None:
         # Refused completion requests count too; a request that never named a served model
@@ -95,11 +100,11 @@ def create_app(config: ServeConfig, access: AccessPolicy = AccessPolicy(), state
 
     @app.post("/v1/chat/completions", dependencies=api)
     async def chat_completions(request: Request, body: ChatCompletionRequest):
-        return await create_chat_completion(request, body, state.registry, state.metrics)
+        return await create_chat_completion(request, body, serving)
 
     @app.post("/v1/completions", dependencies=api)
     async def completions(request: Request, body: CompletionRequest):
-        return await create_completion(request, body, state.registry, state.metrics)
+        return await create_completion(request, body, serving)
 
     @app.get("/v1/hywia/report", dependencies=api)
     async def pruning_report():

@@ -16,6 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from server.engines.base import GenerationDelta, SamplingOptions
+from server.limits import Slot
 from server.metrics import ServerMetrics
 from server.protocol import Usage
 from server.registry import ServedModel
@@ -51,8 +52,9 @@ def plan_choices(prompts: list[list[int]], options: list[SamplingOptions], n: in
 
 class Generation:
     def __init__(self, served: ServedModel, prompts: list[list[int]], plans: list[ChoicePlan],
-                 metrics: ServerMetrics, request_id: str, arrival: float):
+                 metrics: ServerMetrics, request_id: str, arrival: float, slot: Slot | None = None):
         self._served = served
+        self._slot = slot
         self._prompt_tokens = sum(len(p) for p in prompts)
         self._plans = plans
         self._metrics = metrics
@@ -88,6 +90,8 @@ class Generation:
             raise
         finally:
             self._metrics.in_flight.labels(model_id).dec()
+            if self._slot is not None:
+                self._slot.release()
             self._record(status)
 
     def _deltas(self) -> AsyncIterator[tuple[ChoicePlan, GenerationDelta]]:

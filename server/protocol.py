@@ -49,6 +49,8 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extension, which benchmarks use to get fixed output lengths.
+    ignore_eos: bool = False
 
     logprobs: Any = None
     logit_bias: Any = None

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from server.engines.base import SamplingOptions
 from server.errors import APIError, internal_error
 from server.generation import Generation, plan_choices
+from server.limits import AdmissionGate, Slot
 from server.metrics import ServerMetrics
 from server.prompts import completion_budget
 from server.protocol import new_id, now
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED_REQUEST = 499
 
 
+@dataclass(frozen=True)
+class ServingContext:
+    """What every completion route needs besides the request."""
+
+    registry: ModelRegistry
+    metrics: ServerMetrics
+    gate: AdmissionGate
+
+
 @dataclass
 class PreparedRequest:
     served: ServedModel
@@ -35,16 +45,26 @@ class PreparedRequest:
     created: int
 
 
-async def prepare(http_request: Request, body, registry: ModelRegistry, metrics: ServerMetrics,
+async def prepare(http_request: Request, body, context: ServingContext,
                   tokenize: Callable[[object], list[list[int]]], prompt_param: str,
                   id_prefix: str) -> PreparedRequest:
-    """Resolve the model, tokenise, check the context budget and plan the choices.
+    """Resolve the model, take a slot, tokenise, check the context budget and plan the choices.
 
     Everything that can be refused is refused here, before a byte of the response is sent.
     """
     arrival = time.perf_counter()
-    served = registry.get(body.model)
+    served = context.registry.get(body.model)
     http_request.state.model_id = served.model_id  # lets the error handler label the metric
+    slot = context.gate.admit()
+    try:
+        return await _plan(body, context.metrics, served, slot, arrival, tokenize, prompt_param, id_prefix)
+    except BaseException:
+        slot.release()
+        raise
+
+
+async def _plan(body, metrics: ServerMetrics, served: ServedModel, slot: Slot, arrival: float,
+                tokenize: Callable[[object], list[list[int]]], prompt_param: str, id_prefix: str) -> PreparedRequest:
     # Tokenising a long prompt takes long enough to stall other requests: keep it off the loop.
     prompts = await asyncio.to_thread(tokenize, served.tokenizer)
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -53,12 +73,13 @@ async def prepare(http_request: Request, body, registry: ModelRegistry, metrics:
         SamplingOptions(
             max_tokens=completion_budget(len(prompt), body.requested_max_tokens, served.engine.max_model_len,
                                          prompt_param),
-            temperature=temperature, top_p=top_p, seed=body.seed, stop=body.stop_sequences)
+            temperature=temperature, top_p=top_p, seed=body.seed, stop=body.stop_sequences,
+            ignore_eos=body.ignore_eos)
         for prompt in prompts
     ]
     response_id = new_id(id_prefix)
     generation = Generation(served, prompts, plan_choices(prompts, options, body.n), metrics,
-                            request_id=response_id, arrival=arrival)
+                            request_id=response_id, arrival=arrival, slot=slot)
     return PreparedRequest(served=served, generation=generation, response_id=response_id, created=now())
 
 

@@ -8,7 +8,6 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import Response
 
-from server.metrics import ServerMetrics
 from server.prompts import chat_prompt_ids
 from server.protocol import (
     AssistantMessage,
@@ -19,14 +18,20 @@ from server.protocol import (
     ChatCompletionResponse,
     DeltaMessage,
 )
-from server.registry import ModelRegistry
-from server.serving import PreparedRequest, client_gone_response, collect, prepare, sse_response
+from server.serving import (
+    PreparedRequest,
+    ServingContext,
+    client_gone_response,
+    collect,
+    prepare,
+    sse_response,
+)
 
 
-async def create_chat_completion(http_request: Request, body: ChatCompletionRequest, registry: ModelRegistry,
-                                 metrics: ServerMetrics) -> Response | ChatCompletionResponse:
+async def create_chat_completion(http_request: Request, body: ChatCompletionRequest,
+                                 context: ServingContext) -> Response | ChatCompletionResponse:
     prepared = await prepare(
-        http_request, body, registry, metrics,
+        http_request, body, context,
         tokenize=lambda tokenizer: [chat_prompt_ids(tokenizer, body.messages)],
         prompt_param="messages", id_prefix="chatcmpl")
     if body.stream:

@@ -8,17 +8,22 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import Response
 
-from server.metrics import ServerMetrics
 from server.prompts import completion_prompt_ids
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from server.registry import ModelRegistry
-from server.serving import PreparedRequest, client_gone_response, collect, prepare, sse_response
+from server.serving import (
+    PreparedRequest,
+    ServingContext,
+    client_gone_response,
+    collect,
+    prepare,
+    sse_response,
+)
 
 
-async def create_completion(http_request: Request, body: CompletionRequest, registry: ModelRegistry,
-                            metrics: ServerMetrics) -> Response | CompletionResponse:
+async def create_completion(http_request: Request, body: CompletionRequest,
+                            context: ServingContext) -> Response | CompletionResponse:
     prepared = await prepare(
-        http_request, body, registry, metrics,
+        http_request, body, context,
         tokenize=lambda tokenizer: [completion_prompt_ids(tokenizer, prompt) for prompt in body.prompts],
         prompt_param="prompt", id_prefix="cmpl")
     if body.stream:

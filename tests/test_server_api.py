@@ -68,8 +68,8 @@ def start(command: list[str], port: int, log_path: Path, timeout: float) -> Serv
 
 
 def tiny_server_options() -> list[str]:
-    # Few, short calibration samples: the tiny model prunes in seconds.
-    return ["--engine", "torch", "--ratio", "0.2", "--samples", "4", "--seq-len", "32"]
+    # Few, short calibration samples and no fusion training: the tiny model prunes in seconds.
+    return ["--engine", "torch", "--ratio", "0.2", "--importance", "fixed", "--samples", "4", "--seq-len", "32"]
 
 
 @pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.slow)])
@@ -271,6 +271,8 @@ ERROR_CASES = {
     "logprobs unsupported": ("/v1/completions", lambda m: {"model": m, "prompt": "x", "logprobs": 2}, API_KEY,
                              None, 400, None),
     "wrong type": ("/v1/completions", lambda m: {"model": m, "prompt": {"text": "x"}}, API_KEY, None, 400, None),
+    "body over the limit": ("/v1/completions", None, API_KEY,
+                            b'{"model": "m", "prompt": "' + b"x" * (5 << 20) + b'"}', 413, "request_too_large"),
     "unknown route": ("/v1/embeddings", lambda m: {"model": m, "input": "x"}, API_KEY, None, 404, None),
 }
 

@@ -165,3 +165,22 @@ def test_torch_engine_seeds_sampling_and_forgets_abandoned_requests(tiny_dir, to
     first, second, other, running_while_streaming, running_after = asyncio.run(scenario())
     assert first == second and first != other
     assert (running_while_streaming, running_after) == (1, 0)
+
+
+def test_admission_gate_refuses_beyond_its_limit_and_frees_dropped_slots():
+    import gc
+
+    from server.errors import APIError
+    from server.limits import AdmissionGate
+
+    gate = AdmissionGate(limit=2)
+    first, second = gate.admit(), gate.admit()
+    with pytest.raises(APIError) as refused:
+        gate.admit()
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    first.release()
+    first.release()  # releasing twice frees one slot only
+    assert gate.active == 1
+    del second  # a response dropped before it ran
+    gc.collect()
+    assert gate.active == 0

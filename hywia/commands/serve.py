@@ -15,6 +15,7 @@ import socket
 
 from hywia.errors import HywiaError
 from hywia.pipeline import add_prune_arguments, options_from_args
+from server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ def add_arguments(parser) -> None:
                               "multiples of T unless --align-heads is given")
     serving.add_argument("--max-num-seqs", type=int, default=None,
                          help="sequences generated at once per model (torch engine default 16; vLLM's own)")
+    serving.add_argument("--max-body-bytes", type=parse_bytes, default=DEFAULT_MAX_BODY_BYTES,
+                         help="largest request body accepted (default 4MiB); larger ones get a 413")
+    serving.add_argument("--max-concurrent-requests", type=int, default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+                         help="generations at once; more get a 503 with Retry-After (default %(default)s)")
     serving.add_argument("--drain-seconds", type=int, default=30,
                          help="on SIGTERM, how long in-flight requests may finish before exit (default 30)")
 
@@ -66,6 +71,7 @@ def run(args) -> int:
 
     from server.app import AccessPolicy, create_app
     from server.engines.base import EngineSettings
+    from server.limits import ServerLimits
     from server.startup import ServeConfig
 
     options = options_from_args(args)
@@ -95,6 +101,7 @@ def run(args) -> int:
         server.should_exit = True
 
     app = create_app(config, AccessPolicy(api_key=args.api_key, protect_metrics=args.protect_metrics),
+                     ServerLimits(args.max_body_bytes, args.max_concurrent_requests),
                      on_startup_failure=on_startup_failure)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=args.drain_seconds))
     log.info("listening on http://%s:%d (health: /health, API: /v1)", args.host, listener.getsockname()[1])

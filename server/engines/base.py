@@ -23,6 +23,7 @@ class SamplingOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # the text returned ends before the first stop string
+    ignore_eos: bool = False  # generate max_tokens tokens even past an end-of-sequence token
 
 
 @dataclass(frozen=True)

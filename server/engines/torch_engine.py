@@ -252,7 +252,7 @@ class TorchEngine(Engine):
             sequence.generated += 1
             sequence.unreported_tokens += 1
             finish = None
-            if token in self._eos_ids:
+            if token in self._eos_ids and not sequence.options.ignore_eos:
                 text, finish = sequence.text.flush(), FINISH_STOP
             else:
                 text, hit_stop = sequence.text.add(token)

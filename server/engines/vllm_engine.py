@@ -89,7 +89,8 @@ class VllmEngine(Engine):
 
         params = SamplingParams(
             n=1, max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p,
-            seed=options.seed, stop=list(options.stop) or None, output_kind=RequestOutputKind.DELTA,
+            seed=options.seed, stop=list(options.stop) or None, ignore_eos=options.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
         )
         # Prompts are tokenised by the server (one tokenizer for every engine, exact usage counts);
         # the renderer turns token ids into the engine's input without re-tokenising.

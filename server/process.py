@@ -66,6 +66,7 @@ class ServerProcess:
                 if status == 200:
                     return
             time.sleep(poll_seconds)
+            poll_seconds = min(poll_seconds * 1.2, 2.0)  # long start-ups need no fine-grained polling
         raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
     def health(self) -> tuple[int | None, object]:

@@ -117,8 +117,15 @@ async def _wait_for_disconnect(http_request: Request) -> None:
         pass
 
 
-def client_gone_response() -> Response:
-    return Response(status_code=CLIENT_CLOSED_REQUEST)
+async def respond(http_request: Request, prepared: PreparedRequest, stream: bool,
+                  chunks: Callable[[], AsyncIterator[BaseModel]],
+                  whole: Callable[[dict[int, tuple[str, str | None]]], BaseModel]) -> Response | BaseModel:
+    """An SSE stream of `chunks()`, or `whole(results)` once every choice has finished."""
+    if stream:
+        return sse_response(chunks())
+    results = await collect(http_request, prepared.generation)
+    # Nobody reads this response; the status is for the access log.
+    return Response(status_code=CLIENT_CLOSED_REQUEST) if results is None else whole(results)
 
 
 def sse_response(events: AsyncIterator[BaseModel]) -> StreamingResponse:

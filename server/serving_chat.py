@@ -18,14 +18,7 @@ from server.protocol import (
     ChatCompletionResponse,
     DeltaMessage,
 )
-from server.serving import (
-    PreparedRequest,
-    ServingContext,
-    client_gone_response,
-    collect,
-    prepare,
-    sse_response,
-)
+from server.serving import PreparedRequest, ServingContext, prepare, respond
 
 
 async def create_chat_completion(http_request: Request, body: ChatCompletionRequest,
@@ -34,16 +27,16 @@ async def create_chat_completion(http_request: Request, body: ChatCompletionRequ
         http_request, body, context,
         tokenize=lambda tokenizer: [chat_prompt_ids(tokenizer, body.messages)],
         prompt_param="messages", id_prefix="chatcmpl")
-    if body.stream:
-        return sse_response(_chunks(prepared, body.include_usage_in_stream))
-    results = await collect(http_request, prepared.generation)
-    if results is None:
-        return client_gone_response()
-    choices = [ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=finish)
-               for index, (text, finish) in results.items()]
-    return ChatCompletionResponse(id=prepared.response_id, created=prepared.created,
-                                  model=prepared.served.model_id, choices=choices,
-                                  usage=prepared.generation.usage)
+
+    def whole(results) -> ChatCompletionResponse:
+        return ChatCompletionResponse(
+            id=prepared.response_id, created=prepared.created, model=prepared.served.model_id,
+            usage=prepared.generation.usage,
+            choices=[ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=finish)
+                     for index, (text, finish) in results.items()])
+
+    return await respond(http_request, prepared, body.stream,
+                         lambda: _chunks(prepared, body.include_usage_in_stream), whole)
 
 
 async def _chunks(prepared: PreparedRequest, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:

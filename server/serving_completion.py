@@ -10,14 +10,7 @@ from fastapi.responses import Response
 
 from server.prompts import completion_prompt_ids
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from server.serving import (
-    PreparedRequest,
-    ServingContext,
-    client_gone_response,
-    collect,
-    prepare,
-    sse_response,
-)
+from server.serving import PreparedRequest, ServingContext, prepare, respond
 
 
 async def create_completion(http_request: Request, body: CompletionRequest,
@@ -26,15 +19,16 @@ async def create_completion(http_request: Request, body: CompletionRequest,
         http_request, body, context,
         tokenize=lambda tokenizer: [completion_prompt_ids(tokenizer, prompt) for prompt in body.prompts],
         prompt_param="prompt", id_prefix="cmpl")
-    if body.stream:
-        return sse_response(_chunks(prepared, body.include_usage_in_stream))
-    results = await collect(http_request, prepared.generation)
-    if results is None:
-        return client_gone_response()
-    choices = [CompletionChoice(index=index, text=text, finish_reason=finish)
-               for index, (text, finish) in results.items()]
-    return CompletionResponse(id=prepared.response_id, created=prepared.created,
-                              model=prepared.served.model_id, choices=choices, usage=prepared.generation.usage)
+
+    def whole(results) -> CompletionResponse:
+        return CompletionResponse(
+            id=prepared.response_id, created=prepared.created, model=prepared.served.model_id,
+            usage=prepared.generation.usage,
+            choices=[CompletionChoice(index=index, text=text, finish_reason=finish)
+                     for index, (text, finish) in results.items()])
+
+    return await respond(http_request, prepared, body.stream,
+                         lambda: _chunks(prepared, body.include_usage_in_stream), whole)
 
 
 async def _chunks(prepared: PreparedRequest, include_usage: bool) -> AsyncIterator[CompletionResponse]:

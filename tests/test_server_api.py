@@ -87,8 +87,11 @@ def served(request, tmp_path_factory) -> Served:
         model, dense_model, timeout = "tiny-pruned20", "tiny", 300
     else:
         # The shared test cache: the default model is converted, and its export pruned, once per machine.
+        # Book text for calibration and the fixed blend keep that one pruning to a few minutes on 2 cores.
+        calibration = request.getfixturevalue("data_dir") / "calibration" / "gutenberg"
         command = serve_command(None, port, TEST_CACHE, "--engine", "vllm", "--ratio", "0.2",
-                                "--kv-cache-bytes", "256MiB", "--max-model-len", "2048")
+                                "--importance", "fixed", "--calibration", str(calibration), "--samples", "8",
+                                "--seq-len", "64", "--kv-cache-bytes", "256MiB", "--max-model-len", "2048")
         model, dense_model, timeout = "smollm2-135m-instruct-pruned20", None, 1500
     process = start(command, port, work / "server.log", timeout)
     try:
@@ -207,8 +210,9 @@ def test_chat_stream_parses_and_matches_the_whole_answer(served):
 
 def test_n_choices_are_seeded_and_reproducible(served):
     def ask():
+        # ignore_eos (vLLM's extension, which this server honours too): sampling may pick EOS early.
         return served.client().completions.create(model=served.model, prompt=LONG_ANSWER, max_tokens=6, n=3,
-                                                  temperature=1.0, seed=1234)
+                                                  temperature=1.0, seed=1234, extra_body={"ignore_eos": True})
 
     first, second = ask(), ask()
     assert sorted(c.index for c in first.choices) == [0, 1, 2]
@@ -371,6 +375,18 @@ def test_a_client_that_disconnects_aborts_its_generation(served):
     assert moved == 1
     assert samples.value("hywia_generation_tokens_total", model=served.model) - before.value(
         "hywia_generation_tokens_total", model=served.model) < 1000
+
+
+def test_latency_load_generator_measures_fixed_length_streams(served):
+    import asyncio
+
+    from server.loadgen import Target, fixed_prompt, measure
+
+    target = Target("pruned", served.url, served.model, api_key=API_KEY)
+    result = asyncio.run(measure(target, fixed_prompt(30), output_tokens=8, concurrency=2, requests=4))
+    assert (result.requests, result.failed, result.output_tokens) == (4, 0, 32)  # ignore_eos: always 8 each
+    assert 0 < result.ttft_p50 <= result.ttft_p99 and result.tpot_p50 > 0
+    assert result.peak_rss_bytes and result.peak_rss_bytes > 0
 
 
 def test_vllm_series_are_exposed_next_to_ours(served):

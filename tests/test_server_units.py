@@ -184,3 +184,22 @@ def test_admission_gate_refuses_beyond_its_limit_and_frees_dropped_slots():
     del second  # a response dropped before it ran
     gc.collect()
     assert gate.active == 0
+
+
+def test_percentile_is_nearest_rank():
+    from server.loadgen import percentile
+
+    values = [float(v) for v in range(1, 11)]
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (5.0, 10.0, 10.0)
+    assert percentile([3.0], 99) == 3.0
+
+
+def test_bench_targets_parse_or_say_why_not():
+    from hywia.commands.bench import parse_target
+    from hywia.errors import HywiaError
+
+    target = parse_target("pruned=http://127.0.0.1:8000/,m-pruned20,4242", "key")
+    assert (target.label, target.base_url, target.model, target.pid, target.api_key) == (
+        "pruned", "http://127.0.0.1:8000", "m-pruned20", 4242, "key")
+    with pytest.raises(HywiaError):
+        parse_target("http://127.0.0.1:8000,m", None)

@@ -1,0 +1,368 @@
+"""Quality benchmark: does hybrid importance keep more of the model than each single granularity?
+
+Prunes SmolLM2-135M-Instruct with every importance method × ratio × calibration source (exports come
+from hywia's cache when they exist), evaluates each export and the dense model on the same fixed
+slices of WikiText-2, PTB and six zero-shot tasks, and writes
+
+    benchmarks/results/quality.json        every run: options, pruning report fields, all metrics
+    benchmarks/results/quality.md          tables, above-chance retention, the goals checked, the command
+    benchmarks/results/quality_ratio.png   WikiText-2 perplexity and average accuracy vs ratio, per method
+    benchmarks/results/quality_alpha.png   learned α_fine per layer and unit type, per hybrid run
+
+A run saves the JSON after every model, and a re-run with the same model, slices and pruning settings
+skips what is already there, so an interrupted run resumes. `--report-only` redraws md and plots.
+
+    nohup python benchmarks/quality.py --data-dir ../shared/data > benchmarks/results/quality.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hywia.evaluation.results import retention_report
+from hywia.evaluation.suite import EvalOptions, evaluate
+from hywia.evaluation.tasks import TASKS, ZERO_SHOT_TASKS, parse_limits
+from hywia.models import load_model, resolve_source
+from hywia.pipeline import PruneOptions, prepare_export
+
+log = logging.getLogger("quality")
+
+METHODS = ("hybrid", "fine", "coarse", "fixed", "llm-pruner", "magnitude", "random")
+GRADIENT_FREE = ("magnitude", "random")  # their export ignores the calibration text: pruned once per ratio
+SINGLE_GRANULARITY = ("fine", "coarse", "llm-pruner")
+CALIBRATIONS = {"self": "self", "gutenberg": "calibration/gutenberg"}  # label → 'self' or a path in --data-dir
+TASK_ORDER = ("wikitext2", "ptb", *ZERO_SHOT_TASKS)
+# Fixed slices (the first N windows / items of each file), sized so that the whole grid runs in about
+# 60-90 minutes on 2 shared CPU cores; see the "slices" line of quality.md for what a run used.
+DEFAULT_LIMITS = "wikitext2=60,ptb=30,piqa=150,boolq=60,winogrande=150,arc_easy=150,arc_challenge=150,openbookqa=150"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--calibrations", default="self,gutenberg", help=f"from {', '.join(CALIBRATIONS)}")
+    parser.add_argument("--seeds", default="0", help="calibration seeds; tables show the mean and the range")
+    parser.add_argument("--samples", type=int, default=PruneOptions.samples, help="calibration sequences")
+    parser.add_argument("--calibration-seq-len", type=int, default=PruneOptions.seq_len)
+    parser.add_argument("--limit", default=DEFAULT_LIMITS, help="evaluation slices, as `hywia eval --limit`")
+    parser.add_argument("--seq-len", type=int, default=128, help="perplexity window")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cache-dir", default=None, help="hywia cache (exports are reused from there)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--fresh", action="store_true", help="ignore runs saved in quality.json")
+    parser.add_argument("--report-only", action="store_true", help="only redraw quality.md and the plots")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------- the grid
+
+def planned_runs(args) -> list[dict]:
+    """Dense first, then every (calibration, ratio, method, seed); gradient-free methods once per ratio."""
+    runs = [{"key": "dense", "method": "dense", "ratio": 0.0, "calibration": None, "seed": None}]
+    seeds, calibrations = _numbers(args.seeds, int), _names(args.calibrations, CALIBRATIONS)
+    for seed in seeds:
+        for ratio in _numbers(args.ratios, float):
+            for calibration in calibrations:
+                for method in _names(args.methods, METHODS):
+                    if method in GRADIENT_FREE and calibration != calibrations[0]:
+                        continue
+                    if method == "magnitude" and seed != seeds[0]:  # deterministic: one seed says it all
+                        continue
+                    label = "none" if method in GRADIENT_FREE else calibration
+                    runs.append({"key": f"{method}|r{ratio:g}|{label}|seed{seed}", "method": method,
+                                 "ratio": ratio, "calibration": label, "seed": seed})
+    return runs
+
+
+def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
+    """Prune (or fetch the cached export), load, evaluate; returns the run's record."""
+    record = dict(run)
+    source = args.model
+    if run["method"] != "dense":
+        calibration = "self" if run["calibration"] in ("self", "none") else str(
+            Path(args.data_dir) / CALIBRATIONS[run["calibration"]])
+        options = PruneOptions(ratio=run["ratio"], importance=run["method"], calibration=calibration,
+                               samples=args.samples, seq_len=args.calibration_seq_len, seed=run["seed"])
+        export = prepare_export(args.model, options, cache_dir=args.cache_dir)
+        report = export.report
+        source = str(export.directory)
+        record.update(export=source, cache_hit=export.cache_hit, prune_seconds=report.get("prune_seconds"),
+                      ratio_achieved=report.get("ratio_achieved"), params_after=report.get("params_after"),
+                      params_before=report.get("params_before"), alpha=report.get("alpha"),
+                      learned_alpha=(report.get("importance_details") or {}).get("learned_alpha"),
+                      selected=(report.get("importance_details") or {}).get("selected"))
+    started = time.perf_counter()
+    loaded = load_model(source, cache_dir=args.cache_dir)
+    record.update(evaluate(loaded.model, loaded.tokenizer, eval_options))
+    record["eval_seconds"] = round(time.perf_counter() - started, 1)
+    del loaded
+    gc.collect()
+    return record
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.output_dir / "quality.json"
+    limits = parse_limits(args.limit, list(TASK_ORDER))
+    settings = {"model": args.model, "model_digest": resolve_source(args.model, args.cache_dir).digest,
+                "limits": limits, "seq_len": args.seq_len, "samples": args.samples,
+                "calibration_seq_len": args.calibration_seq_len}
+    saved = json.loads(json_path.read_text()) if json_path.exists() and not args.fresh else {}
+    if args.report_only:
+        if not saved:
+            raise SystemExit(f"no {json_path} to report from: run the grid first")
+        payload = saved
+    else:
+        runs = saved.get("runs", {}) if saved.get("settings") == settings else {}
+        if saved and not runs:
+            log.info("quality.json was made with other settings: starting afresh")
+        payload = {"command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                              f"{torch.get_num_threads()} threads",
+                   "settings": settings, "runs": runs, "grid_seconds": saved.get("grid_seconds", 0) if runs else 0}
+        run_grid(args, payload, json_path)
+    write_markdown(payload, args.output_dir / "quality.md")
+    plot_ratio_curves(payload, args.output_dir / "quality_ratio.png")
+    plot_alpha(payload, args.output_dir / "quality_alpha.png")
+    log.info("wrote %s", args.output_dir / "quality.md")
+    return 0
+
+
+def run_grid(args, payload: dict, json_path: Path) -> None:
+    """Every planned run not in payload["runs"] yet; the JSON is rewritten after each one."""
+    limits = payload["settings"]["limits"]
+    eval_options = EvalOptions(tasks=list(TASK_ORDER), data_dir=Path(args.data_dir), limits=limits,
+                               seq_len=args.seq_len, batch_size=args.batch_size)
+    started, earlier = time.perf_counter(), payload["grid_seconds"]  # a resumed grid counts both invocations
+    plan = planned_runs(args)
+    for number, run in enumerate(plan, start=1):
+        if run["key"] in payload["runs"]:
+            continue
+        log.info("[%d/%d] %s", number, len(plan), run["key"])
+        payload["runs"][run["key"]] = run_one(run, args, eval_options)
+        payload["grid_seconds"] = earlier + round(time.perf_counter() - started)
+        _write_json(json_path, payload)
+
+
+def _numbers(text: str, kind) -> list:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def _names(text: str, allowed) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown: {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    staging.replace(path)  # atomic: an interrupted run never leaves half a file
+
+
+# ---------------------------------------------------------------------------------------- the report
+
+def grouped(runs: dict) -> dict[tuple, list[dict]]:
+    """Runs of the same (method, ratio, calibration) over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs.values():
+        groups.setdefault((run["method"], run["ratio"], run["calibration"]), []).append(run)
+    return groups
+
+
+def metric(run: dict, name: str) -> float | None:
+    if name == "average":
+        return run.get("average_accuracy")
+    task = run.get("tasks", {}).get(name)
+    if task is None:
+        return None
+    return task["perplexity"] if task["kind"] == "perplexity" else task["headline"]
+
+
+def cell(values: list[float | None], digits: int) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def write_markdown(payload: dict, path: Path) -> None:
+    runs, dense = payload["runs"], payload["runs"].get("dense")
+    groups = grouped(runs)
+    tasks = [name for name in TASK_ORDER if dense and name in dense.get("tasks", {})]
+    lines = header_lines(payload, tasks, dense)
+    for ratio in sorted({key[1] for key in groups if key[1] > 0}):
+        lines += [f"## Ratio {ratio:g}", ""] + ratio_table(groups, ratio, tasks, dense) + [""]
+    lines += goal_lines(groups, dense) + [""]
+    lines.append("Plots: `quality_ratio.png` (WikiText-2 perplexity and average accuracy vs ratio), "
+                 "`quality_alpha.png` (learned α_fine per layer and unit type).")
+    selected = [f"{key[2]} r{key[1]:g}: {', '.join(str(run.get('selected')) for run in members)}"
+                for key, members in sorted(groups.items(), key=str) if key[0] == "hybrid"]
+    if selected:
+        lines.append("Hybrid's blend as selected on held-out calibration loss (learned, or the fixed ½ blend): "
+                     + "; ".join(selected) + ".")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def header_lines(payload: dict, tasks: list[str], dense: dict | None) -> list[str]:
+    settings, limits = payload["settings"], payload["settings"]["limits"]
+    slices = ", ".join(f"{name} {limits.get(name) or 'all'}{' windows' if TASKS[name].kind == 'perplexity' else ''}"
+                       for name in tasks)
+    lines = [
+        f"# Quality: HyWIA importance methods on {settings['model']}", "",
+        f"- command: `{payload['command']}`",
+        f"- date: {payload['date']}; machine: {payload['machine']}",
+        f"- grid time: {payload.get('grid_seconds')} s (pruning + evaluation, all invocations of this grid)",
+        f"- slices (first N of each file): {slices}",
+        (f"- perplexity: {settings['seq_len']}-token non-overlapping windows; zero-shot: log-likelihood as "
+         "lm-evaluation-harness scores it; headline metric acc (acc_norm for ARC-c, OBQA)"),
+        (f"- calibration: {settings['samples']} × {settings['calibration_seq_len']} tokens; 'self' = text the "
+         "model writes, 'gutenberg' = ../shared/data/calibration/gutenberg; magnitude and random use none"),
+        ("- retention = above-chance retention of the average headline accuracy, "
+         "(pruned − chance) / (dense − chance), chance = mean of 1/choices"),
+        "",
+    ]
+    if dense:
+        noise = ", ".join(f"{name} ±{dense['tasks'][name][dense['tasks'][name]['headline_metric'] + '_stderr']:.3f}"
+                          for name in tasks if name in ZERO_SHOT_TASKS)
+        lines += [f"Slice noise (standard error of the dense model's accuracy): {noise}", ""]
+    return lines
+
+
+def ratio_table(groups: dict, ratio: float, tasks: list[str], dense: dict | None) -> list[str]:
+    columns = ["method", "calibration", "removed", *tasks, "average", "retention"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    keys = [("dense", 0.0, None)] + sorted((k for k in groups if k[1] == ratio),
+                                           key=lambda k: (METHODS.index(k[0]), str(k[2])))
+    for key in (k for k in keys if k in groups):
+        members = groups[key]
+        retention = [retention_report(run, dense).get("average") for run in members] if dense else []
+        values = [cell([metric(run, name) for run in members], 2 if name in ("wikitext2", "ptb") else 3)
+                  for name in tasks]
+        row = [key[0], key[2] or "–", cell([run.get("ratio_achieved", 0.0) for run in members], 3), *values,
+               cell([metric(run, "average") for run in members], 3), cell(retention, 3)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def goal_lines(groups: dict, dense: dict | None) -> list[str]:
+    """The issue's goals, checked against the numbers above (mean over seeds)."""
+    def mean(key, name):
+        values = [metric(run, name) for run in groups.get(key, [])]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    lines = ["## Goals", ""]
+    for key in sorted((k for k in groups if k[0] == "hybrid"), key=lambda k: (k[1], str(k[2]))):
+        _, ratio, calibration = key
+        for name, better, label in (("wikitext2", min, "WikiText-2 perplexity"), ("average", max, "average accuracy")):
+            mine = mean(key, name)
+            rivals = {method: mean((method, ratio, calibration), name) for method in SINGLE_GRANULARITY}
+            rivals = {method: value for method, value in rivals.items() if value is not None}
+            if mine is None or not rivals:
+                continue
+            wins = all(better(mine, value) == mine and mine != value for value in rivals.values())
+            lines.append(f"- r{ratio:g}, {calibration}: hybrid {label} {mine:.3f} vs "
+                         + ", ".join(f"{m} {v:.3f}" for m, v in rivals.items())
+                         + f": **{'hybrid best' if wins else 'hybrid not best'}**")
+        if dense and ratio == 0.2:
+            retention = [retention_report(run, dense).get("average") for run in groups[key]]
+            retention = [r for r in retention if r is not None]
+            if retention:
+                value = sum(retention) / len(retention)
+                lines.append(f"- r0.2, {calibration}: hybrid above-chance retention {value:.3f} "
+                             f"(goal ≥ 0.9: **{'met' if value >= 0.9 else 'not met'}**)")
+    return lines
+
+
+def plot_ratio_curves(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups, dense = grouped(payload["runs"]), payload["runs"].get("dense")
+    calibrations = sorted({key[2] for key in groups if key[2] not in (None, "none")})
+    if not dense or not calibrations:
+        return
+    figure, axes = plt.subplots(2, len(calibrations), figsize=(6 * len(calibrations), 8), squeeze=False)
+    for column, calibration in enumerate(calibrations):
+        for row, (name, label) in enumerate((("wikitext2", "WikiText-2 perplexity (log)"),
+                                             ("average", "average accuracy"))):
+            axis = axes[row][column]
+            for method in METHODS:
+                label_cal = "none" if method in GRADIENT_FREE else calibration
+                points = sorted((ratio, [metric(run, name) for run in members])
+                                for (m, ratio, cal), members in groups.items() if m == method and cal == label_cal)
+                if not points:
+                    continue
+                xs = [0.0] + [ratio for ratio, _ in points]
+                ys = [metric(dense, name)] + [sum(v) / len(v) for _, v in points]
+                axis.plot(xs, ys, marker="o", label=method, linestyle="--" if method in GRADIENT_FREE else "-")
+            if name == "wikitext2":
+                axis.set_yscale("log")
+            axis.set_xlabel("fraction of parameters removed")
+            axis.set_ylabel(label)
+            axis.set_title(f"calibration: {calibration}")
+            axis.grid(alpha=0.3)
+        axes[0][column].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_alpha(payload: dict, path: Path) -> None:
+    """Learned α_fine (the fine-grained weight) per layer and unit type, one panel per hybrid run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    hybrid = sorted((run for run in payload["runs"].values() if run["method"] == "hybrid"
+                     and (run.get("learned_alpha") or run.get("alpha"))), key=lambda r: (r["calibration"], r["ratio"]))
+    if not hybrid:
+        return
+    figure, axes = plt.subplots(len(hybrid), 1, figsize=(10, 1.4 * len(hybrid) + 1), squeeze=False, sharex=True,
+                                constrained_layout=True)
+    for axis, run in zip(axes[:, 0], hybrid):
+        alpha = run.get("learned_alpha") or run["alpha"]
+        grid = np.array([[layer[kind][0] if layer and layer.get(kind) else np.nan for layer in alpha]
+                         for kind in ("attn", "mlp")], dtype=float)
+        image = axis.imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=1)
+        axis.set_yticks([0, 1], ["attn", "mlp"])
+        axis.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // 15)))
+        axis.set_title(f"{run['calibration']}, ratio {run['ratio']:g}, seed {run['seed']} "
+                       f"(selected: {run.get('selected')})", fontsize=9)
+    axes[-1, 0].set_xlabel("layer")
+    figure.colorbar(image, ax=axes[:, 0].tolist(), label="α_fine (1 = fine only, 0 = coarse only)")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

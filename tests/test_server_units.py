@@ -203,3 +203,22 @@ def test_bench_targets_parse_or_say_why_not():
         "pruned", "http://127.0.0.1:8000", "m-pruned20", 4242, "key")
     with pytest.raises(HywiaError):
         parse_target("http://127.0.0.1:8000,m", None)
+
+
+def test_tensor_parallel_serving_prunes_to_shardable_attention(tmp_path):
+    """`serve --tensor-parallel-size 2` keeps a multiple of 2 KV groups in every layer, so vLLM can
+    shard the export over 2 GPUs (running it needs the GPUs; the shapes do not)."""
+    import json
+
+    from hywia.cli import build_parser
+    from hywia.pipeline import options_from_args, prepare_export
+    from tests.tiny import save_tiny_model
+
+    source = save_tiny_model(tmp_path / "mha", gqa=False)  # 4 KV heads per layer
+    args = build_parser().parse_args(["serve", str(source), "--tensor-parallel-size", "2", "--ratio", "0.4",
+                                      "--importance", "magnitude"])
+    export = prepare_export(str(source), options_from_args(args), cache_dir=tmp_path / "cache", progress=False)
+    kept = [layer["kv_groups_kept"] for layer in export.report["per_layer"]]
+    assert kept and all(k % 2 == 0 and k > 0 for k in kept)
+    config = json.loads((export.directory / "config.json").read_text())
+    assert config["num_key_value_heads"] % 2 == 0 and config["num_attention_heads"] % 2 == 0

@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calibration-seq-len", type=int, default=PruneOptions.seq_len)
     parser.add_argument("--limit", default=DEFAULT_LIMITS, help="evaluation slices, as `hywia eval --limit`")
     parser.add_argument("--seq-len", type=int, default=128, help="perplexity window")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64, help="at most this many sequences per forward pass")
     parser.add_argument("--cache-dir", default=None, help="hywia cache (exports are reused from there)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--fresh", action="store_true", help="ignore runs saved in quality.json")

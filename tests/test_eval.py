@@ -12,7 +12,7 @@ import torch
 from hywia.errors import HywiaError
 from hywia.evaluation.perplexity import split_windows, tokenize_text, window_perplexity
 from hywia.evaluation.results import above_chance_retention, format_table, retention_report
-from hywia.evaluation.scoring import TokenScorer
+from hywia.evaluation.scoring import TokenScorer, batch_slices
 from hywia.evaluation.tasks import (
     MULTIPLE_CHOICE,
     TASKS,
@@ -96,6 +96,13 @@ def test_split_windows_drops_the_partial_window_and_keeps_order():
     windows = split_windows(list(range(100)), seq_len=32)
     assert windows.shape == (3, 32)
     assert windows[2, -1] == 95 and windows[1, 0] == 32
+
+
+def test_batches_respect_the_row_and_token_budgets():
+    lengths = [100, 90, 10, 10, 10, 300]
+    assert batch_slices(lengths[:5], max_rows=64, max_tokens=200) == [slice(0, 2), slice(2, 5)]
+    assert batch_slices(lengths[:5], max_rows=2, max_tokens=10_000) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert batch_slices([300], max_rows=8, max_tokens=200) == [slice(0, 1)]  # a long row still runs, alone
 
 
 def test_perplexity_texts_follow_the_stated_conventions(data_dir):

@@ -31,7 +31,9 @@ def add_arguments(parser) -> None:
                              "('wikitext2=400,piqa=200'); default: everything")
     parser.add_argument("--seq-len", type=int, default=128,
                         help="perplexity window in tokens (128 as LLM-Pruner reports, 2048 as SparseGPT)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--batch-size", type=int, default=64, help="at most this many sequences per forward pass")
+    parser.add_argument("--batch-tokens", type=int, default=4096,
+                        help="at most this many tokens (padding included) per forward pass")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
@@ -46,8 +48,8 @@ def run(args) -> int:
 
     task_names = parse_task_names(args.tasks)
     limits = parse_limits(args.limit, task_names)
-    if args.batch_size < 1:
-        raise HywiaError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.batch_size < 1 or args.batch_tokens < 1:
+        raise HywiaError(f"--batch-size {args.batch_size} and --batch-tokens {args.batch_tokens} must be at least 1")
     header = {
         "command": _command_line(args),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -73,7 +75,7 @@ def _run_builtin(args, task_names: list[str], limits: dict) -> dict:
     data_dir = _data_dir(args.data_dir)
     loaded = load_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype, device=args.device)
     options = EvalOptions(tasks=task_names, data_dir=data_dir, limits=limits, seq_len=args.seq_len,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, batch_tokens=args.batch_tokens)
     result = evaluate(loaded.model, loaded.tokenizer, options)
     return {"model": loaded.resolved.source, "model_directory": str(loaded.resolved.directory),
             "model_digest": loaded.resolved.digest, "data_dir": str(data_dir), "seq_len": args.seq_len,
@@ -98,7 +100,7 @@ def _run_harness(args, task_names: list[str], limits: dict) -> tuple[dict, str]:
 def _command_line(args) -> str:
     """The command that reproduces this run, spelled out with every option's value."""
     words = ["hywia", "eval"] + ([args.model] if args.model else [])
-    for option in ("tasks", "data_dir", "limit", "seq_len", "batch_size", "dtype", "device", "output"):
+    for option in ("tasks", "data_dir", "limit", "seq_len", "batch_size", "batch_tokens", "dtype", "device", "output"):
         value = getattr(args, option)
         if value is not None:
             words += [f"--{option.replace('_', '-')}", str(value)]

@@ -49,9 +49,11 @@ def split_windows(token_ids: list[int], seq_len: int) -> torch.Tensor:
     return torch.tensor(token_ids[:count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
-def window_perplexity(scorer: TokenScorer, windows: torch.Tensor, batch_size: int = 8,
-                      limit: int | None = None, description: str = "perplexity") -> PerplexityResult:
-    """Perplexity of the first LIMIT windows (all when None)."""
+def window_perplexity(scorer: TokenScorer, windows: torch.Tensor, batch_size: int = 64,
+                      limit: int | None = None, description: str = "perplexity",
+                      batch_tokens: int = 4096) -> PerplexityResult:
+    """Perplexity of the first LIMIT windows (all when None), at most batch_size windows and
+    batch_tokens tokens per forward pass."""
     total, seq_len = windows.shape
     if seq_len > scorer.max_length:
         raise HywiaError(f"--seq-len {seq_len} is longer than the model's {scorer.max_length} positions",
@@ -59,7 +61,7 @@ def window_perplexity(scorer: TokenScorer, windows: torch.Tensor, batch_size: in
     chosen = windows if limit is None else windows[:limit]
     nll_sum, predicted = 0.0, 0
     with tqdm(total=len(chosen), desc=description, unit="window") as bar:
-        for batch in chosen.split(batch_size):
+        for batch in chosen.split(max(1, min(batch_size, batch_tokens // seq_len))):
             hidden = scorer.hidden_states(batch, torch.ones_like(batch))
             # Position t predicts token t+1; the last position predicts nothing inside the window.
             rows = hidden[:, :-1].reshape(-1, hidden.shape[-1])

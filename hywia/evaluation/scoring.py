@@ -68,3 +68,16 @@ class TokenScorer:
         if not pieces:
             return torch.zeros(0, dtype=torch.float64)
         return torch.cat(pieces).double().cpu()
+
+
+def batch_slices(lengths: list[int], max_rows: int, max_tokens: int) -> list[slice]:
+    """Consecutive batches of sequences (already sorted longest first) with at most max_rows rows and
+    max_tokens tokens, padding included. On a CPU each forward pass has a fixed cost per operator,
+    so short sequences (OpenBookQA's ~25 tokens) need many rows per pass to run at full speed."""
+    slices, start = [], 0
+    while start < len(lengths):
+        width = max(lengths[start], 1)  # the first row is the longest: it sets the padded width
+        rows = max(1, min(max_rows, max_tokens // width, len(lengths) - start))
+        slices.append(slice(start, start + rows))
+        start += rows
+    return slices

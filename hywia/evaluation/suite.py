@@ -26,7 +26,8 @@ class EvalOptions:
     data_dir: Path
     limits: dict[str, int | None] = field(default_factory=dict)  # missing task → whole task
     seq_len: int = 128
-    batch_size: int = 8
+    batch_size: int = 64  # sequences per forward pass, at most
+    batch_tokens: int = 4096  # tokens per forward pass (padding included), at most
 
 
 def evaluate(model, tokenizer, options: EvalOptions) -> dict:
@@ -39,12 +40,13 @@ def evaluate(model, tokenizer, options: EvalOptions) -> dict:
         if spec.kind == PERPLEXITY:
             windows = split_windows(tokenize_text(tokenizer, load_perplexity_text(spec, options.data_dir)),
                                     options.seq_len)
-            result = window_perplexity(scorer, windows, options.batch_size, limit, description=name)
+            result = window_perplexity(scorer, windows, options.batch_size, limit, description=name,
+                                       batch_tokens=options.batch_tokens)
             payload = {**result.to_dict(), "text": spec.notes}
         else:
             items = load_choice_items(spec, options.data_dir, limit)
             result = evaluate_choice_task(scorer, tokenizer, spec, items, count_items(spec, options.data_dir),
-                                          options.batch_size)
+                                          options.batch_size, options.batch_tokens)
             payload = result.to_dict()
         seconds[name] = round(time.perf_counter() - started, 2)
         results[name] = payload

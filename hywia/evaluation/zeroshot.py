@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from hywia.errors import HywiaError
 from hywia.evaluation.packing import Request, batch_tensors, pack_requests
-from hywia.evaluation.scoring import TokenScorer
+from hywia.evaluation.scoring import TokenScorer, batch_slices
 from hywia.evaluation.tasks import PARTIAL, ChoiceItem, TaskSpec
 
 
@@ -65,8 +65,8 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def score_requests(scorer: TokenScorer, requests: list[Request], batch_size: int = 16,
-                   description: str = "scoring", pad_id: int = 0) -> list[float]:
+def score_requests(scorer: TokenScorer, requests: list[Request], batch_size: int = 64,
+                   description: str = "scoring", pad_id: int = 0, batch_tokens: int = 4096) -> list[float]:
     """Sum of log p(continuation tokens | context) for each request, in request order."""
     for request in requests:
         if not request.continuation_ids:
@@ -80,8 +80,8 @@ def score_requests(scorer: TokenScorer, requests: list[Request], batch_size: int
     rows = sorted(pack_requests(requests, scorer.max_length), key=lambda row: (-len(row.tokens), row.tokens))
     scores = [0.0] * len(requests)
     with tqdm(total=len(requests), desc=description, unit="req") as bar:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+        for rows_slice in batch_slices([len(row.tokens) for row in rows], batch_size, batch_tokens):
+            batch = rows[rows_slice]
             ids, positions, mask = batch_tensors(batch, pad_id, scorer.dtype)
             hidden = scorer.hidden_states(ids, mask, positions)
             batch_rows, readers, targets, scored = [], [], [], []
@@ -99,7 +99,7 @@ def score_requests(scorer: TokenScorer, requests: list[Request], batch_size: int
 
 
 def evaluate_choice_task(scorer: TokenScorer, tokenizer, spec: TaskSpec, items: list[ChoiceItem],
-                         items_total: int, batch_size: int = 16) -> ChoiceResult:
+                         items_total: int, batch_size: int = 64, batch_tokens: int = 4096) -> ChoiceResult:
     if not items:
         raise HywiaError(f"task {spec.name} has no items to evaluate", "check --limit and the task file")
     requests, owner = [], []
@@ -108,7 +108,8 @@ def evaluate_choice_task(scorer: TokenScorer, tokenizer, spec: TaskSpec, items: 
             requests.append(encode_pair(tokenizer, context, continuation))
             owner.append(item_index)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = score_requests(scorer, requests, batch_size, description=spec.name, pad_id=pad_id)
+    scores = score_requests(scorer, requests, batch_size, description=spec.name, pad_id=pad_id,
+                            batch_tokens=batch_tokens)
 
     per_item: list[list[float]] = [[] for _ in items]
     for item_index, score in zip(owner, scores):

@@ -1,0 +1,72 @@
+"""benchmarks/quality.py's grid and report, on synthetic runs (no model is pruned or evaluated)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(method, ratio, calibration, ppl, accuracies, seed=0):
+    tasks = {"wikitext2": {"kind": "perplexity", "perplexity": ppl}}
+    for name, (acc, chance) in accuracies.items():
+        tasks[name] = {"kind": "multiple_choice", "headline": acc, "headline_metric": "acc", "acc": acc,
+                       "acc_stderr": 0.03, "chance": chance, "items": 150}
+    average = sum(acc for acc, _ in accuracies.values()) / len(accuracies)
+    key = "dense" if method == "dense" else f"{method}|r{ratio:g}|{calibration}|seed{seed}"
+    return key, {"key": key, "method": method, "ratio": ratio, "calibration": calibration, "seed": seed,
+                 "ratio_achieved": ratio, "tasks": tasks, "average_accuracy": average,
+                 "learned_alpha": [{"attn": [0.3, 0.7], "mlp": [0.6, 0.4]}] * 4 if method == "hybrid" else None,
+                 "selected": "learned" if method == "hybrid" else None}
+
+
+def payload():
+    runs = dict([
+        fake_run("dense", 0.0, None, 50.0, {"piqa": (0.70, 0.5), "arc_easy": (0.55, 0.25)}),
+        fake_run("hybrid", 0.2, "self", 60.0, {"piqa": (0.68, 0.5), "arc_easy": (0.52, 0.25)}),
+        fake_run("fine", 0.2, "self", 65.0, {"piqa": (0.66, 0.5), "arc_easy": (0.50, 0.25)}),
+        fake_run("coarse", 0.2, "self", 62.0, {"piqa": (0.67, 0.5), "arc_easy": (0.50, 0.25)}),
+        fake_run("llm-pruner", 0.2, "self", 58.0, {"piqa": (0.66, 0.5), "arc_easy": (0.49, 0.25)}),
+    ])
+    return {"command": "python benchmarks/quality.py", "date": "2026-01-01", "machine": "test",
+            "grid_seconds": 1, "runs": runs,
+            "settings": {"model": "m", "limits": {"wikitext2": 60, "piqa": 150, "arc_easy": 150}, "seq_len": 128,
+                         "samples": 32, "calibration_seq_len": 128}}
+
+
+def test_the_default_grid_is_dense_plus_24_runs(quality):
+    runs = quality.planned_runs(quality.parse_args([]))
+    assert runs[0]["method"] == "dense" and len(runs) == 1 + 2 * (2 * 5 + 2)
+    gradient_free = [run for run in runs if run["method"] in ("magnitude", "random")]
+    assert {run["calibration"] for run in gradient_free} == {"none"} and len(gradient_free) == 4
+    assert len({run["key"] for run in runs}) == len(runs)
+
+
+def test_report_states_retention_and_checks_the_goals(quality, tmp_path):
+    path = tmp_path / "quality.md"
+    quality.write_markdown(payload(), path)
+    text = path.read_text()
+    assert "| hybrid | self | 0.200 | 60.00 | 0.680 | 0.520 | 0.600 | 0.900 |" in text  # (0.6-0.375)/(0.625-0.375)
+    # hybrid's perplexity 60 loses to llm-pruner's 58; its average 0.600 beats 0.580, 0.585, 0.575
+    assert "hybrid WikiText-2 perplexity 60.000" in text and "**hybrid not best**" in text
+    assert "hybrid average accuracy 0.600" in text and "**hybrid best**" in text
+    assert "above-chance retention 0.900 (goal ≥ 0.9: **met**)" in text
+    assert "piqa 150" in text and "wikitext2 60 windows" in text
+
+
+def test_plots_are_written(quality, tmp_path):
+    pytest.importorskip("matplotlib")
+    quality.plot_ratio_curves(payload(), tmp_path / "ratio.png")
+    quality.plot_alpha(payload(), tmp_path / "alpha.png")
+    assert (tmp_path / "ratio.png").stat().st_size > 10_000 and (tmp_path / "alpha.png").stat().st_size > 5_000

@@ -13,6 +13,7 @@ _COLUMNS = (
     ("concurrency", "conc.", "{}"),
     ("requests", "requests", "{}"),
     ("failed", "failed", "{}"),
+    ("incomplete", "incomplete", "{}"),
     ("mean_prompt_tokens", "prompt tok", "{:.0f}"),
     ("ttft_p50", "TTFT p50 (s)", "{:.3f}"),
     ("ttft_p99", "TTFT p99 (s)", "{:.3f}"),

@@ -59,8 +59,9 @@ class LoadResult:
     target: str
     model: str
     concurrency: int
-    requests: int
-    failed: int
+    requests: int  # completed streams
+    failed: int  # requests that got an error status, an error event, or a broken stream
+    incomplete: int  # completed streams with fewer tokens than asked for (ignore_eos makes that a fault)
     wall_seconds: float
     mean_prompt_tokens: float
     output_tokens: int
@@ -97,13 +98,15 @@ async def stream_one(client: httpx.AsyncClient, target: Target, prompt: str, out
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(event["error"].get("message"))
-            if event.get("choices") and event["choices"][0].get("text"):
+            # Any event with a choice carries generated tokens (text may be held back, e.g. half a
+            # character); timing by events is what vLLM's own benchmark does too.
+            if event.get("choices"):
                 last = time.perf_counter()
                 first = first or last
             if event.get("usage"):
                 usage = event["usage"]
     if first is None or usage is None:
-        raise RuntimeError("the stream ended without text or without usage")
+        raise RuntimeError("the stream ended without tokens or without usage")
     tokens = usage["completion_tokens"]
     tpot = (last - first) / (tokens - 1) if tokens > 1 else None
     return RequestTiming(ttft=first - started, tpot=tpot, output_tokens=tokens, prompt_tokens=usage["prompt_tokens"])
@@ -143,7 +146,7 @@ async def measure(target: Target, prompt: str, output_tokens: int, concurrency: 
     produced = sum(t.output_tokens for t in timings)
     return LoadResult(
         target=target.label, model=target.model, concurrency=concurrency, requests=len(timings),
-        failed=len(failures), wall_seconds=wall,
+        failed=len(failures), incomplete=sum(t.output_tokens != output_tokens for t in timings), wall_seconds=wall,
         mean_prompt_tokens=statistics.fmean(t.prompt_tokens for t in timings), output_tokens=produced,
         ttft_p50=percentile([t.ttft for t in timings], 50), ttft_p99=percentile([t.ttft for t in timings], 99),
         tpot_p50=percentile(tpots, 50) if tpots else float("nan"),

@@ -62,8 +62,8 @@ class ServerMetrics:
             "hywia_pruning_seconds",
             "Seconds this start spent pruning and exporting (0 when the export came from the cache).",
             model, registry=self.registry)
-        self.startup_phase_seconds = Gauge(
-            "hywia_startup_phase_seconds", "Duration of each start-up phase.", ["phase"],
+        self.startup_seconds = Gauge(
+            "hywia_startup_seconds", "Duration of each start-up step.", ["step"],
             registry=self.registry)
         self.cache_hits = Counter(
             "hywia_cache_hits", "Pruned exports found intact in the cache at start-up.", model,

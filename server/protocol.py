@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 # vLLM's own server ran n=10000 samples for one request; n fans out into n generations, so cap it.
 MAX_N = 8
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# max_tokens beyond the context is capped to what fits; beyond this it is surely a mistake: refused.
+MAX_TOKENS_LIMIT = 2**31 - 1
 
 # Fields of the OpenAI API that this server cannot honour: accepted only at their neutral value.
 _UNSUPPORTED_COMMON = ("logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "best_of")
@@ -40,7 +42,7 @@ class _SamplingRequest(_Request):
     """Fields shared by chat and text completions."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
@@ -106,7 +108,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     response_format: dict | None = None
 
     top_logprobs: Any = None

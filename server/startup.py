@@ -106,7 +106,7 @@ async def stop_serving(state: ServerState) -> None:
 async def _start(config: ServeConfig, state: ServerState) -> None:
     from hywia.models import resolve_source
 
-    with _phase(state, Phase.LOADING):
+    with _phase(state, Phase.LOADING, "resolve source"):
         resolved = await asyncio.to_thread(resolve_source, config.source, config.cache_dir, config.allow_pickle)
     base_name = _base_name(resolved.source)
     source_size = await asyncio.to_thread(checkpoint_size, resolved.directory)
@@ -126,7 +126,7 @@ async def _start(config: ServeConfig, state: ServerState) -> None:
     kind = resolve_engine_kind(config.engine)
     two_models = config.serve_dense and config.prunes
     share = _SHARED_GPU_MEMORY_SHARE if two_models else None
-    with _phase(state, Phase.STARTING_ENGINE):
+    with _phase(state, Phase.STARTING_ENGINE, "start engines"):
         await _serve(state, kind, config.engine_settings, model_id, served_directory, source_size, report,
                      cache_hit, share)
         if two_models:
@@ -145,7 +145,8 @@ async def _prune_or_load(config: ServeConfig, state: ServerState, source: str):
         state.phase = _EXPORT_PHASES.get(name, state.phase)
         log.info("export phase: %s", name)
 
-    with _phase(state, Phase.PRUNING):
+    # /health says "loading" while the cache is looked up, and "pruning" only once pruning begins.
+    with _phase(state, Phase.LOADING, "export (cache lookup, pruning if missing)"):
         export = await asyncio.to_thread(prepare_export, source, config.prune, config.cache_dir,
                                          config.allow_pickle, on_phase)
     if export.cache_hit:
@@ -202,11 +203,12 @@ def _base_name(source: str) -> str:
 
 
 @contextmanager
-def _phase(state: ServerState, phase: Phase):
+def _phase(state: ServerState, phase: Phase, step: str):
+    """Report PHASE on /health while STEP runs; log and export how long STEP took."""
     state.phase = phase
     started = time.perf_counter()
-    log.info("start-up phase: %s", phase.value)
+    log.info("start-up: %s", step)
     yield
     seconds = time.perf_counter() - started
-    state.metrics.startup_phase_seconds.labels(phase.value).set(seconds)
-    log.info("start-up phase %s took %.1f s", phase.value, seconds)
+    state.metrics.startup_seconds.labels(step).set(seconds)
+    log.info("start-up: %s took %.1f s", step, seconds)

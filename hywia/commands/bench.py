@@ -47,6 +47,7 @@ def add_arguments(parser) -> None:
     latency.add_argument("--overhead", action="append", default=[], metavar="OURS:REFERENCE",
                          help="check this server's overhead over a reference server (≤ 5%%)")
     latency.add_argument("--note", action="append", default=[], help="a line to add to the results")
+    latency.add_argument("--title", default="Latency", help="heading of the results")
     latency.add_argument("--out", type=Path, default=Path("benchmarks/results/latency"),
                          help="output prefix (default %(default)s)")
 
@@ -97,7 +98,7 @@ def run(args) -> int:
         f"greedy); {args.warmup} warm-up request(s) per level, not measured."),
         *args.note,
     ]
-    for path in write_results(results, args.out, "Latency", preamble, notes):
+    for path in write_results(results, args.out, args.title, preamble, notes):
         print(f"wrote {path}")
     return 0
 

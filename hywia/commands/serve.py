@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import re
+import signal
 import socket
 
 from hywia.errors import HywiaError
@@ -105,10 +106,17 @@ def run(args) -> int:
                      on_startup_failure=on_startup_failure)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=args.drain_seconds))
     log.info("listening on http://%s:%d (health: /health, API: /v1)", args.host, listener.getsockname()[1])
+    # uvicorn drains in-flight requests on SIGTERM, then raises the signal again so that the default
+    # action kills the process; after a completed drain that stop is a normal one, so exit with 0.
+    signal.signal(signal.SIGTERM, _note_drained_stop)
     server.run(sockets=[listener])
     if failure:
         raise HywiaError(f"the server stopped because start-up failed: {failure[0]}")
     return 0
+
+
+def _note_drained_stop(signum, frame) -> None:
+    log.info("stopped by SIGTERM after draining in-flight requests")
 
 
 def _bind(host: str, port: int) -> socket.socket:

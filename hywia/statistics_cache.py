@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 import hywia
-from hywia.cache import cache_root
 from hywia.calibration import calibration_batch
 from hywia.scores import UnitStatistics, collect_statistics
 
@@ -37,9 +36,12 @@ def statistics_key(source_digest: str, calibration: str, samples: int, seq_len: 
 
 def calibration_statistics(model, tokenizer, source_digest: str, calibration: str, samples: int, seq_len: int,
                            seed: int, cache_dir=None, progress: bool = True) -> tuple[torch.Tensor, UnitStatistics, bool]:
-    """(calibration batch, statistics, whether they came from the cache)."""
+    """(calibration batch, statistics, whether they came from the cache). `cache_dir` None: no cache."""
+    if cache_dir is None:
+        batch = calibration_batch(calibration, tokenizer, model, samples, seq_len, seed)
+        return batch, collect_statistics(model, batch, progress), False
     key = statistics_key(source_digest, calibration, samples, seq_len, seed)
-    path = cache_root(cache_dir) / "statistics" / f"{key}.pt"
+    path = Path(cache_dir) / "statistics" / f"{key}.pt"
     if path.is_file():
         try:
             saved = torch.load(path, weights_only=True)

@@ -283,6 +283,30 @@ def test_harness_without_lm_eval_says_how_to_install(tiny_gqa_dir, data_dir, mon
     assert "lm-evaluation-harness" in message and "pip install" in message
 
 
+def test_harness_gets_the_model_directory_and_the_harness_task_names(tiny_gqa_dir, monkeypatch, tmp_path, capsys):
+    import types
+
+    from hywia.cli import main
+
+    calls = []
+
+    def simple_evaluate(**kwargs):  # stands in for lm_eval.simple_evaluate: records what it was asked
+        calls.append(kwargs)
+        return {"results": {"piqa": {"acc,none": 0.61, "alias": "piqa"}, "arc_challenge": {"acc_norm,none": 0.3}}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    output = tmp_path / "harness.json"
+    assert main(["eval", str(tiny_gqa_dir), "--tasks", "piqa,arc_challenge", "--harness", "--limit", "20",
+                 "--output", str(output)]) == 0
+    assert calls == [{"model": "hf", "model_args": f"pretrained={tiny_gqa_dir},dtype=float32",
+                      "tasks": ["piqa", "arc_challenge"], "limit": 20, "batch_size": 64, "device": "cpu"}]
+    assert "acc,none" in capsys.readouterr().out
+    assert json.loads(output.read_text())["results"]["piqa"]["acc,none"] == 0.61
+    with pytest.raises(HywiaError, match="ptb"):  # no harness task of that name: said before any work
+        from hywia.evaluation.harness import harness_task_names
+        harness_task_names(["piqa", "ptb"])
+
+
 def test_missing_data_dir_is_a_clear_error(tiny_gqa_dir, monkeypatch, capsys):
     from hywia.cli import main
 

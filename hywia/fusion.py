@@ -31,13 +31,13 @@ LayerScores = list[dict[str, torch.Tensor]]
 
 @dataclass(frozen=True)
 class FusionConfig:
-    steps: int = 40
+    steps: int = 30
     learning_rate: float = 0.05
     key_dim: int = 16
     tau: float = 1.0
     start_temperature: float = 0.5  # in units of the fused scores' standard deviation
     end_temperature: float = 0.02
-    batch_size: int = 4
+    batch_size: int = 2
     kl_weight: float = 0.0  # optionally also match the dense model's next-token distribution
     holdout_fraction: float = 0.25
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_dense_default_model_beats_chance_on_a_fixed_piqa_slice(default_model, data_dir):
     items = load_choice_items(TASKS["piqa"], data_dir, limit=200)  # the first 200 validation items
     result = evaluate_choice_task(TokenScorer(default_model.model), default_model.tokenizer, TASKS["piqa"],
-                                  items, items_total=1838, batch_size=8)
+                                  items, items_total=1838)
     # Chance is 0.5 and the standard error of 200 items about 0.034: 0.58 is more than two of them above.
     # (Measured: acc 0.645, acc_norm 0.655.)
     assert result.items == 200 and result.chance == 0.5
@@ -24,7 +24,7 @@ def test_dense_default_model_beats_chance_on_a_fixed_piqa_slice(default_model, d
 
 def test_dense_default_model_wikitext2_perplexity_is_that_of_a_language_model(default_model, data_dir):
     tokens = tokenize_text(default_model.tokenizer, load_perplexity_text(TASKS["wikitext2"], data_dir))
-    result = window_perplexity(TokenScorer(default_model.model), split_windows(tokens, 128), batch_size=8, limit=20)
+    result = window_perplexity(TokenScorer(default_model.model), split_windows(tokens, 128), limit=20)
     # A uniform guess over SmolLM2's 49,152 tokens scores 49,152; the model scores about 60 on this slice
     # (55.5 over the first 400 windows, HYWIA.md).
     assert 20 < result.perplexity < 100

@@ -44,8 +44,13 @@ GRADIENT_FREE = ("magnitude", "random")  # their export ignores the calibration 
 SINGLE_GRANULARITY = ("fine", "coarse", "llm-pruner")
 CALIBRATIONS = {"self": "self", "gutenberg": "calibration/gutenberg"}  # label → 'self' or a path in --data-dir
 TASK_ORDER = ("wikitext2", "ptb", *ZERO_SHOT_TASKS)
-# Fixed slices (the first N windows / items of each file), sized so that the whole grid runs in about
-# 60-90 minutes on 2 shared CPU cores; see the "slices" line of quality.md for what a run used.
+# Fixed slices (the first N windows / items of each file); quality.md states what a run used. Sizing:
+# these slices are ~52k model tokens per evaluation after packing (wikitext2 7.7k, ptb 3.8k, piqa 8.6k,
+# boolq 8.9k, winogrande 5.6k, arc_easy 6.2k, arc_challenge 7.7k, openbookqa 3.2k), ~2 min for the
+# dense model at SmolLM2's ~420 tokens/s on 2 idle cores and less for pruned ones: ~35 min for the 25
+# evaluations. Pruning adds the calibration statistics once per calibration source (the pipeline caches
+# them), hybrid's fusion training per (ratio, calibration), and an export per run: ~55-75 min in all
+# on an idle machine. On a machine shared with other jobs expect several times that (measured: 6x).
 DEFAULT_LIMITS = "wikitext2=60,ptb=30,piqa=150,boolq=60,winogrande=150,arc_easy=150,arc_challenge=150,openbookqa=150"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

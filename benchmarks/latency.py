@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-vllm-serve", action="store_true", help="skip the `vllm serve` reference")
     parser.add_argument("--out", type=Path, default=RESULTS / "latency")
     parser.add_argument("--startup-timeout", type=float, default=3600)
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "hywia-latency",
+                        help="where the servers' logs go (not committed: vLLM logs are long)")
     return parser.parse_args(argv)
 
 
@@ -84,7 +87,7 @@ def measure_server(args, label: str, command_for_port: Callable[[int], list[str]
     """Start one server, measure it at every level, stop it; returns (results, its hywia report entry)."""
     port = free_port()
     command = command_for_port(port)
-    log_path = args.out.parent / f"latency-{label.replace(' ', '-')}.log"
+    log_path = args.log_dir / f"latency-{label.replace(' ', '-')}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     process = ServerProcess(command, port, log_path, env=env).start()
     try:
@@ -108,8 +111,10 @@ def main(argv=None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
     pruned_label, dense_label, reference_label = (f"hywia {args.engine} pruned", f"hywia {args.engine} dense",
                                                   "vllm serve pruned")
+    load_before = os.getloadavg()[1]
     pruned, entry = measure_server(args, pruned_label, lambda port: hywia_command(args, port, args.ratio))
     dense, _ = measure_server(args, dense_label, lambda port: hywia_command(args, port, 0))
     results = pruned + dense
@@ -124,13 +129,14 @@ def main(argv=None) -> int:
     preamble = [
         f"Command: `python benchmarks/latency.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
         (f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.node()} "
-        f"({platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, shared with other work)"),
+        f"({platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, shared with other work: 5-minute load "
+         f"average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end)"),
         (f"Model: {entry['model']} ({entry['parameters']:,} parameters, {entry['weight_bytes'] / 2**20:.0f} MiB) "
          f"vs its source {args.source} ({entry['unpruned_parameters']:,}, "
          f"{entry['unpruned_weight_bytes'] / 2**20:.0f} MiB); export {entry['directory']}"),
         (f"Load: {args.prompt_words}-word fixed prompt, {args.output_tokens} output tokens (ignore_eos, greedy), "
          f"one warm-up request per level; every server alone on the machine, KV cache {args.kv_cache_bytes}, "
-         f"context {args.max_model_len}. Server logs: latency-*.log next to this file."),
+         f"context {args.max_model_len}."),
     ]
     for path in write_results(results, args.out, "Latency: pruned vs dense, hywia vs vllm serve", preamble, notes):
         log.info("wrote %s", path)

@@ -9,6 +9,7 @@ engine spawns workers, so whatever script starts it needs a `__main__` guard; `g
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -107,4 +108,17 @@ class VllmEngine(Engine):
         return EngineMemory(kv_cache=self._kv_cache_bytes)
 
     async def shutdown(self) -> None:
-        await asyncio.to_thread(self._engine.shutdown)
+        engine, self._engine = self._engine, _StoppedEngine()
+        await asyncio.to_thread(engine.shutdown)
+        # AsyncLLM.__del__ shuts down again; let it run now, while the interpreter is intact, rather
+        # than at exit, where it fails with a traceback on half-torn-down modules.
+        del engine
+        gc.collect()
+
+
+class _StoppedEngine:
+    """Stands in for a shut-down AsyncLLM: nothing runs, and a late metrics scrape still works."""
+
+    @staticmethod
+    def get_num_unfinished_requests() -> int:
+        return 0

@@ -9,6 +9,7 @@ from the same tensors (DESIGN.md). Per-layer plans export `HywiaLlamaForCausalLM
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -75,9 +76,26 @@ def write_export(model, tokenizer, plan: PruningPlan, report: dict, out_dir: Pat
         config["dtype"] = dtype
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()
-    with atomic_directory(out_dir, replace=replace) as staging:
+    with atomic_directory(out_dir, replace=replace) as staging, _saved_as(model, config):
         model.save_pretrained(staging, safe_serialization=True, max_shard_size="2GB")
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tokenizer.save_pretrained(staging)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=1))
     return out_dir
+
+
+@contextlib.contextmanager
+def _saved_as(model, config: dict):
+    """Let `save_pretrained` see the exported config instead of the model's own. transformers
+    validates the config it saves, and the sliced model's in-memory LlamaConfig may describe a shape
+    LlamaConfig refuses (e.g. 3 heads in hidden size 320: the Mistral route above)."""
+    from transformers import AutoConfig
+
+    import hywia.arch  # noqa: F401  (registers hywia_llama with AutoConfig)
+
+    own = model.config
+    model.config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    try:
+        yield
+    finally:
+        model.config = own

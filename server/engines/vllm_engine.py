@@ -65,7 +65,8 @@ class VllmEngine(Engine):
         arguments = {
             "model": str(directory), "served_model_name": model_id, "tokenizer": str(directory),
             "tensor_parallel_size": settings.tensor_parallel_size, "max_model_len": settings.max_model_len,
-            "kv_cache_memory_bytes": kv_cache_bytes, "enforce_eager": not on_gpu, "disable_log_stats": False,
+            "kv_cache_memory_bytes": kv_cache_bytes, "enforce_eager": not on_gpu,
+            "disable_log_stats": not settings.extra.get("publish_engine_metrics", True),
             "max_num_seqs": settings.extra.get("max_num_seqs"),
         }
         if gpu_memory_share is not None and on_gpu and kv_cache_bytes is None:

@@ -117,7 +117,9 @@ async def _start(config: ServeConfig, state: ServerState) -> None:
     if config.prunes:
         export = await _prune_or_load(config, state, resolved.source)
         served_directory, report, cache_hit = export.directory, export.report, export.cache_hit
-        model_id = config.model_name or f"{base_name}-pruned{round(config.prune.ratio * 100)}"
+        # With --target-memory/--target-params the pipeline chooses the ratio; the report says which.
+        ratio = export.report.get("ratio_requested", config.prune.ratio)
+        model_id = config.model_name or f"{base_name}-pruned{round(ratio * 100)}"
         metrics_counter = state.metrics.cache_hits if export.cache_hit else state.metrics.cache_misses
         metrics_counter.labels(model_id).inc()
         state.metrics.pruning_seconds.labels(model_id).set(0.0 if export.cache_hit else export.seconds)

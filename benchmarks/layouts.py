@@ -55,7 +55,8 @@ PROMPTS = (
     "Give advice to someone learning to cook.", "Why do leaves change colour in autumn?",
 )
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-THROUGHPUT_RUNS = 3
+# Settings that only the throughput depends on: changing them re-measures throughput, keeps quality.
+THROUGHPUT_SETTINGS = ("output_tokens", "concurrency", "throughput_runs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output-tokens", type=int, default=128, help="tokens generated per prompt")
     parser.add_argument("--concurrency", default="1,8", help="prompts generated at once, per throughput setting")
+    parser.add_argument("--throughput-runs", type=int, default=5, help="timed rounds per engine (median reported)")
     parser.add_argument("--cache-dir", default=None, help="hywia cache (exports are reused from there)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--skip-throughput", action="store_true")
@@ -132,7 +134,8 @@ def quality(directory: Path, args, limits: dict) -> dict:
 def throughput(directories: list[Path], args) -> list[dict]:
     """Measure DIRECTORIES together in a fresh process (their vLLM engines shut down with it)."""
     command = [sys.executable, __file__, "--throughput-of", ",".join(map(str, directories)),
-               "--output-tokens", str(args.output_tokens), "--concurrency", args.concurrency]
+               "--output-tokens", str(args.output_tokens), "--concurrency", args.concurrency,
+               "--throughput-runs", str(args.throughput_runs)]
     env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("THROUGHPUT ")]
@@ -141,8 +144,8 @@ def throughput(directories: list[Path], args) -> list[dict]:
     return json.loads(lines[-1].removeprefix("THROUGHPUT "))
 
 
-def measure_throughput(directories: list[str], output_tokens: int, concurrency: list[int]) -> list[dict]:
-    """In this process: one vLLM engine per directory, all alive at once; after a warm-up, THROUGHPUT_RUNS
+def measure_throughput(directories: list[str], output_tokens: int, concurrency: list[int], rounds: int) -> list[dict]:
+    """In this process: one vLLM engine per directory, all alive at once; after a warm-up, ROUNDS
     rounds in which every engine in turn generates OUTPUT_TOKENS greedy tokens for each concurrency
     (that many of the fixed prompts at once). Interleaving the engines round by round exposes them to
     the same background load, so their ratios are fair even when the machine is shared."""
@@ -158,7 +161,7 @@ def measure_throughput(directories: list[str], output_tokens: int, concurrency: 
     for llm in engines:  # warm-up
         llm.generate(list(PROMPTS[:2]), SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     samples = [{str(width): [] for width in concurrency} for _ in engines]
-    for _ in range(THROUGHPUT_RUNS):
+    for _ in range(rounds):
         for width in concurrency:
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(width)]
             for llm, sample in zip(engines, samples):
@@ -176,7 +179,8 @@ def measure_throughput(directories: list[str], output_tokens: int, concurrency: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.throughput_of:
-        result = measure_throughput(args.throughput_of.split(","), args.output_tokens, _numbers(args.concurrency, int))
+        result = measure_throughput(args.throughput_of.split(","), args.output_tokens, _numbers(args.concurrency, int),
+                                    args.throughput_runs)
         print("THROUGHPUT " + json.dumps(result), flush=True)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -197,9 +201,12 @@ def main(argv=None) -> int:
                 "importance": args.importance, "calibration": args.calibration, "samples": args.samples,
                 "calibration_seq_len": args.calibration_seq_len, "limits": limits, "seq_len": args.seq_len,
                 "output_tokens": args.output_tokens, "concurrency": _numbers(args.concurrency, int),
-                "throughput_runs": THROUGHPUT_RUNS}
-    runs = saved.get("runs", {}) if saved.get("settings") == settings else {}
-    payload = {"command": "python benchmarks/layouts.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                "throughput_runs": args.throughput_runs}
+    runs = _reusable_runs(saved, settings)
+    command = "python benchmarks/layouts.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    earlier = (saved.get("commands") or [{"command": saved["command"], "started": saved.get("started")}]) \
+        if runs and saved.get("command") else []
+    payload = {"command": command, "commands": [*earlier, {"command": command, "started": _now()}],
                "started": saved.get("started") if runs else _now(), "date": _now(),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other work), torch "
                           f"{torch.__version__}, {torch.get_num_threads()} threads",
@@ -223,12 +230,25 @@ def main(argv=None) -> int:
             if records and any("throughput" not in r for r in records):
                 log.info("throughput: %s", ", ".join(r["key"] for r in group))
                 for record, measured in zip(records, throughput([Path(r["export"]) for r in records], args)):
-                    record["throughput"] = measured
+                    record["throughput"], record["throughput_date"] = measured, _now()
                 payload["date"] = _now()
                 _write_json(json_path, payload)
     write_markdown(payload, args.output_dir / "layouts.md")
     log.info("wrote %s and %s", json_path, args.output_dir / "layouts.md")
     return 0
+
+
+def _reusable_runs(saved: dict, settings: dict) -> dict:
+    """Saved runs made with these settings; where only throughput settings differ, their quality."""
+    old = saved.get("settings") or {}
+    quality_keys = [key for key in settings if key not in THROUGHPUT_SETTINGS]
+    if not saved or any(old.get(key) != settings[key] for key in quality_keys):
+        return {}
+    runs = saved["runs"]
+    if any(old.get(key) != settings[key] for key in THROUGHPUT_SETTINGS):
+        for record in runs.values():
+            record.pop("throughput", None)
+    return runs
 
 
 def _report_fields(report: dict | None) -> dict:
@@ -311,6 +331,9 @@ def write_markdown(payload: dict, path: Path) -> None:
         "interleaved round by round, so they share the background load (the machine's 2 cores were shared "
         "with other work; the load average at each run is in the JSON)."), "",
     ]
+    measured = sorted(r["throughput_date"] for r in runs.values() if "throughput_date" in r)
+    if measured:
+        lines += [f"Throughput measured {measured[0]} – {measured[-1]}; quality measured by the first command.", ""]
     header = ("| layout | ratio | params | removed | KV heads | WikiText-2 PPL ↓ | zero-shot avg ↑ | "
               + " | ".join(f"tok/s ×{w} (vs uniform)" for w in widths) + " |")
     lines += [header, "|" + "---|" * (7 + len(widths))]
@@ -332,7 +355,8 @@ def write_markdown(payload: dict, path: Path) -> None:
             if group and "kv_groups_kept" in group[0]:
                 lines.append(f"- {layout} r{ratio:g}: KV groups {group[0]['kv_groups_kept']}; "
                              f"MLP channels {group[0]['mlp_channels_kept']}")
-    lines += ["", f"Command: `{payload['command']}`  ", (f"Started {payload.get('started')}, last written {payload['date']}; "
+    lines += [""] + [f"Command (started {c['started']}): `{c['command']}`  " for c in payload.get("commands", [])]
+    lines += [f"Command: `{payload['command']}`  " if "commands" not in payload else "", (f"Started {payload.get('started')}, last written {payload['date']}; "
               f"{payload['machine']}."), ""]
     path.write_text("\n".join(lines))
 
@@ -364,8 +388,17 @@ def _average_error(run: dict) -> float:
     return variance ** 0.5 / len(tasks)
 
 
+def _paired_ratios(group: list[dict], uniform: list[dict], width: str) -> list[float]:
+    """Per round, this layout's rate over uniform's: the runs were interleaved, so each pair shared the load."""
+    mine = group[0].get("throughput", {}).get(width, {}).get("runs", [])
+    base = uniform[0].get("throughput", {}).get(width, {}).get("runs", [])
+    return [(a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"]) for a, b in zip(mine, base)]
+
+
 def _goal_lines(runs: dict, ratios: list[float], widths: list[str]) -> list[str]:
-    lines = []
+    lines = [("Quality: WikiText-2 perplexity and the zero-shot average, the difference of the averages against its "
+             "standard error (σ). Throughput: per interleaved round, this layout's tokens/s over uniform's; "
+             "median and range over the rounds."), ""]
     for ratio in ratios:
         uniform = _group(runs, "uniform", ratio)
         if not uniform:
@@ -378,16 +411,18 @@ def _goal_lines(runs: dict, ratios: list[float], widths: list[str]) -> list[str]
                 continue
             ppl = statistics.mean(r["tasks"]["wikitext2"]["perplexity"] for r in group)
             acc = statistics.mean(r["average_accuracy"] for r in group)
-            slowdowns = [_rate(group, w) / _rate(uniform, w) - 1 for w in widths
-                         if _rate(group, w) and _rate(uniform, w)]
-            quality_ok = ppl < base_ppl and acc >= base_acc
-            speed_ok = bool(slowdowns) and min(slowdowns) >= -0.05
+            sigma = (_average_error(group[0]) ** 2 + _average_error(uniform[0]) ** 2) ** 0.5
+            resolved = abs(acc - base_acc) >= 2 * sigma
+            speed = []
+            for width in widths:
+                paired = _paired_ratios(group, uniform, width)
+                if paired:
+                    speed.append(f"×{width} {100 * (statistics.median(paired) - 1):+.1f}% "
+                                 f"({100 * (min(paired) - 1):+.0f}…{100 * (max(paired) - 1):+.0f}%)")
             lines.append(
-                f"- r{ratio:g} {layout}: PPL {ppl:.2f} vs {base_ppl:.2f}, zero-shot {100 * acc:.2f} vs "
-                f"{100 * base_acc:.2f}, throughput " + (", ".join(f"{100 * s:+.1f}%" for s in slowdowns) or "not measured")
-                + f" → quality {'better' if quality_ok else 'not better on both'}, throughput "
-                + ("within 5%" if speed_ok else "outside 5% or not measured")
-                + (" — **goal met**" if quality_ok and speed_ok else ""))
+                f"- r{ratio:g} {layout}: PPL {ppl:.2f} vs {base_ppl:.2f} ({100 * (ppl / base_ppl - 1):+.0f}%); zero-shot "
+                f"{100 * acc:.2f} vs {100 * base_acc:.2f} ({100 * (acc - base_acc):+.2f} points, σ {100 * sigma:.1f}: "
+                f"{'resolved' if resolved else 'within noise'}); throughput {'; '.join(speed) or 'not measured'}")
     return lines
 
 

@@ -37,6 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
+from _common import names, numbers, write_json
+
 log = logging.getLogger("layouts")
 
 LAYOUTS = {
@@ -90,9 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def planned_runs(args) -> list[dict]:
     runs = [{"key": "dense", "layout": "dense", "ratio": 0.0, "seed": None}]
-    for ratio in _numbers(args.ratios, float):
-        for seed in _numbers(args.seeds, int):
-            for layout in _names(args.layouts, LAYOUTS):
+    for ratio in numbers(args.ratios, float):
+        for seed in numbers(args.seeds, int):
+            for layout in names(args.layouts, LAYOUTS):
                 runs.append({"key": f"{layout}|r{ratio:g}|seed{seed}", "layout": layout, "ratio": ratio, "seed": seed})
     return runs
 
@@ -179,7 +182,7 @@ def measure_throughput(directories: list[str], output_tokens: int, concurrency: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.throughput_of:
-        result = measure_throughput(args.throughput_of.split(","), args.output_tokens, _numbers(args.concurrency, int),
+        result = measure_throughput(args.throughput_of.split(","), args.output_tokens, numbers(args.concurrency, int),
                                     args.throughput_runs)
         print("THROUGHPUT " + json.dumps(result), flush=True)
         return 0
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
     settings = {"model": args.model, "model_digest": resolve_source(args.model, args.cache_dir).digest,
                 "importance": args.importance, "calibration": args.calibration, "samples": args.samples,
                 "calibration_seq_len": args.calibration_seq_len, "limits": limits, "seq_len": args.seq_len,
-                "output_tokens": args.output_tokens, "concurrency": _numbers(args.concurrency, int),
+                "output_tokens": args.output_tokens, "concurrency": numbers(args.concurrency, int),
                 "throughput_runs": args.throughput_runs}
     runs = _reusable_runs(saved, settings)
     command = "python benchmarks/layouts.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -220,11 +223,11 @@ def main(argv=None) -> int:
             record.update(_report_fields(report), export=str(directory), cache_hit=cache_hit)
             record.update(quality(directory, args, limits))
             payload["date"] = _now()
-            _write_json(json_path, payload)
+            write_json(json_path, payload)
     if not args.skip_throughput:  # dense alone, then each ratio's layouts together (first seed)
-        first_seed = _numbers(args.seeds, int)[0]
+        first_seed = numbers(args.seeds, int)[0]
         groups = [[r for r in plan if r["layout"] == "dense"]] + [
-            [r for r in plan if r["ratio"] == ratio and r["seed"] == first_seed] for ratio in _numbers(args.ratios, float)]
+            [r for r in plan if r["ratio"] == ratio and r["seed"] == first_seed] for ratio in numbers(args.ratios, float)]
         for group in groups:
             records = [payload["runs"][r["key"]] for r in group]
             if records and any("throughput" not in r for r in records):
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
                 for record, measured in zip(records, throughput([Path(r["export"]) for r in records], args)):
                     record["throughput"], record["throughput_date"] = measured, _now()
                 payload["date"] = _now()
-                _write_json(json_path, payload)
+                write_json(json_path, payload)
     write_markdown(payload, args.output_dir / "layouts.md")
     log.info("wrote %s and %s", json_path, args.output_dir / "layouts.md")
     return 0
@@ -262,26 +265,8 @@ def _report_fields(report: dict | None) -> dict:
             "layout_report": report.get("layout")}
 
 
-def _numbers(text: str, kind) -> list:
-    return [kind(part) for part in text.split(",") if part.strip()]
-
-
-def _names(text: str, allowed) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown:
-        raise SystemExit(f"unknown: {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    return names
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    staging.replace(path)  # atomic: an interrupted run never leaves half a file
 
 
 # ---------------------------------------------------------------------------------------- the report

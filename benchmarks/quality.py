@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
 import torch
+from _common import names, numbers, write_json
 
 from hywia.evaluation.results import retention_report
 from hywia.evaluation.suite import EvalOptions, evaluate
@@ -80,11 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def planned_runs(args) -> list[dict]:
     """Dense first, then every (calibration, ratio, method, seed); gradient-free methods once per ratio."""
     runs = [{"key": "dense", "method": "dense", "ratio": 0.0, "calibration": None, "seed": None}]
-    seeds, calibrations = _numbers(args.seeds, int), _names(args.calibrations, CALIBRATIONS)
+    seeds, calibrations = numbers(args.seeds, int), names(args.calibrations, CALIBRATIONS)
     for seed in seeds:
-        for ratio in _numbers(args.ratios, float):
+        for ratio in numbers(args.ratios, float):
             for calibration in calibrations:
-                for method in _names(args.methods, METHODS):
+                for method in names(args.methods, METHODS):
                     if method in GRADIENT_FREE and calibration != calibrations[0]:
                         continue
                     if method == "magnitude" and seed != seeds[0]:  # deterministic: one seed says it all
@@ -165,25 +167,7 @@ def run_grid(args, payload: dict, json_path: Path) -> None:
         log.info("[%d/%d] %s", number, len(plan), run["key"])
         payload["runs"][run["key"]] = run_one(run, args, eval_options)
         payload["grid_seconds"] = earlier + round(time.perf_counter() - started)
-        _write_json(json_path, payload)
-
-
-def _numbers(text: str, kind) -> list:
-    return [kind(part) for part in text.split(",") if part.strip()]
-
-
-def _names(text: str, allowed) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in allowed]
-    if unknown:
-        raise SystemExit(f"unknown: {', '.join(unknown)}; choose from {', '.join(allowed)}")
-    return names
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    staging.replace(path)  # atomic: an interrupted run never leaves half a file
+        write_json(json_path, payload)
 
 
 # ---------------------------------------------------------------------------------------- the report

@@ -1,17 +1,14 @@
 """Per-layer layouts (issue 5): --protect-layers and --allocation global through the real pipeline,
 HywiaLlama exports equal to the in-memory pruned model, --target-memory / --target-params choosing the
 ratio, validation before heavy work, and the real default model pruned per-layer served by
-vLLM's own OpenAI server."""
+vLLM's own OpenAI server and by `hywia serve` on the vLLM engine."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,6 +22,7 @@ from hywia.models import load_model
 from hywia.pipeline import PruneOptions, options_from_args, prune_model, prune_to_directory
 from hywia.plan import LayerShape, PruningPlan, protected_layers
 from hywia.surgery import slice_model, zero_removed_units
+from tests.conftest import TEST_CACHE
 from tests.tiny import save_tiny_model
 
 CALIBRATION_TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 400
@@ -285,13 +283,15 @@ def test_cli_prune_per_layer_with_a_target_prints_the_arithmetic(source, calibra
     assert json.loads((out / "hywia_report.json").read_text())["memory_fit"]["workload"]["max_seqs"] == 2
 
 
-# ---- the real default model, pruned per-layer, served by vLLM's own OpenAI server ---------------------
+# ---- the real default model, pruned per-layer, served by vLLM's own server and by ours ----------------
 
-# Shared with the server tests (same options → same cache key → pruned once per machine). `fixed` needs
-# no fusion training; the calibration is the default one, so its statistics (hywia.statistics_cache)
-# are those every default-calibration export of this model in the test cache reuses.
+# Shared by both servers (same options → same cache key → pruned once per machine). `fixed` needs no
+# fusion training; the calibration is the default one, so its statistics (hywia.statistics_cache) are
+# those every default-calibration export of this model in the test cache reuses.
 PER_LAYER_DEFAULT_OPTIONS = PruneOptions(ratio=0.2, importance="fixed", layout="per-layer",
                                          protect_layers="first:4,last:2")
+PER_LAYER_SERVE_FLAGS = ("--ratio", "0.2", "--importance", "fixed", "--layout", "per-layer",
+                         "--protect-layers", "first:4,last:2")
 SERVER_START_SECONDS = 600
 
 
@@ -299,67 +299,56 @@ SERVER_START_SECONDS = 600
 def per_layer_default_export(test_cache, default_model_dir):
     from hywia.pipeline import prepare_export
 
-    return prepare_export(None, PER_LAYER_DEFAULT_OPTIONS, cache_dir=test_cache)
+    export = prepare_export(None, PER_LAYER_DEFAULT_OPTIONS, cache_dir=test_cache)
+    config = json.loads((export.directory / "config.json").read_text())
+    assert config["architectures"] == ["HywiaLlamaForCausalLM"]
+    assert config["layer_num_key_value_heads"][:4] == [3] * 4 and config["layer_num_key_value_heads"][-2:] == [3] * 2
+    assert abs(export.report["ratio_achieved"] - 0.2) < 0.005
+    return export
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def vllm_serve_command(export, port: int) -> tuple[list[str], str]:
+    """vLLM's own OpenAI server on the export: only the installed plugin teaches it HywiaLlama."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--host", "127.0.0.1",
+            "--port", str(port), "--max-model-len", "512", "--max-num-seqs", "4", "--enforce-eager",
+            "--dtype", "float32", "--served-model-name", "smollm2-per-layer"], "smollm2-per-layer"
+
+
+def hywia_serve_command(export, port: int) -> tuple[list[str], str]:
+    """Our server, given the pruning flags: it must find the same export in the cache, not prune again."""
+    from tests.test_server_api import serve_command
+
+    return serve_command(None, port, TEST_CACHE, "--engine", "vllm", *PER_LAYER_SERVE_FLAGS, "--kv-cache-bytes",
+                         "256MiB", "--max-model-len", "512"), "smollm2-135m-instruct-pruned20"
 
 
 @pytest.mark.slow
-def test_vllm_serve_answers_a_chat_request_on_the_per_layer_default_model(per_layer_default_export, tmp_path):
-    import httpx
+@pytest.mark.parametrize("server", [vllm_serve_command, hywia_serve_command], ids=["vllm-serve", "hywia-serve"])
+def test_a_server_answers_a_chat_request_on_the_per_layer_default_model(server, per_layer_default_export,
+                                                                      tmp_path):
     import openai
 
-    export = per_layer_default_export.directory
-    config = json.loads((export / "config.json").read_text())
-    assert config["architectures"] == ["HywiaLlamaForCausalLM"]
-    assert config["layer_num_key_value_heads"][:4] == [3] * 4 and config["layer_num_key_value_heads"][-2:] == [3] * 2
-    assert abs(per_layer_default_export.report["ratio_achieved"] - 0.2) < 0.005
+    from server.process import ServerProcess, free_port
+    from tests.test_server_api import API_KEY
 
-    port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    log_path = tmp_path / "vllm-serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--host", "127.0.0.1",
-             "--port", str(port), "--max-model-len", "512", "--max-num-seqs", "4", "--enforce-eager",
-             "--dtype", "float32", "--served-model-name", "smollm2-per-layer"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    port = free_port()
+    command, model = server(per_layer_default_export.directory, port)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = ServerProcess(command, port, tmp_path / "server.log", env=env).start()
     try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            assert server.poll() is None, f"vllm serve exited ({server.returncode}):\n{log_path.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"vllm serve not ready:\n{log_path.read_text()[-4000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
+        process.wait_until_ready(SERVER_START_SECONDS)
+        client = openai.OpenAI(base_url=f"{process.base_url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+        if server is hywia_serve_command:
+            report = client.get("/hywia/report", cast_to=object)
+            served = next(entry for entry in report["data"] if entry["model"] == model)
+            assert served["directory"] == str(per_layer_default_export.directory)  # a cache hit, not a re-prune
         reply = client.chat.completions.create(
-            model="smollm2-per-layer", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=32, temperature=0.0)
         text = reply.choices[0].message.content
         assert reply.usage.completion_tokens > 3 and text.strip(), f"empty reply: {reply}"
         assert sum(ch.isalpha() for ch in text) > 10, f"no words in the reply: {text!r}"
         assert len(set(text.split())) > 3, f"degenerate reply: {text!r}"
     finally:
-        _stop(server)
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it spawns an engine core), then SIGKILL if it lingers."""
-    import signal
-
-    if server.poll() is not None:
-        return
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+        process.stop()

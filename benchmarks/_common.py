@@ -1,8 +1,10 @@
-"""Small helpers the benchmark scripts share: comma lists on the command line, atomic JSON results."""
+"""Small helpers the benchmark scripts share: the method grid's flags, comma lists, atomic JSON results."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -22,3 +24,14 @@ def write_json(path: Path, payload: dict) -> None:
     staging = path.with_suffix(".json.tmp")
     staging.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     staging.replace(path)  # atomic: an interrupted run never leaves half a file
+
+
+def grid_parser(description: str, methods, calibrations: dict, default_calibrations: str) -> argparse.ArgumentParser:
+    """The flags every method-grid benchmark takes: the model, the data, and the grid's three axes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
+    parser.add_argument("--methods", default=",".join(methods))
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--calibrations", default=default_calibrations, help=f"from {', '.join(calibrations)}")
+    return parser

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
 import torch
-from _common import names, numbers, write_json
+from _common import grid_parser, names, numbers, write_json
 
 from hywia.evaluation.results import retention_report
 from hywia.evaluation.suite import EvalOptions, evaluate
@@ -58,12 +58,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", "../shared/data"))
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--ratios", default="0.2,0.5")
-    parser.add_argument("--calibrations", default="self,gutenberg", help=f"from {', '.join(CALIBRATIONS)}")
+    parser = grid_parser(__doc__.split("\n\n")[0], METHODS, CALIBRATIONS, "self,gutenberg")
     parser.add_argument("--seeds", default="0", help="calibration seeds; tables show the mean and the range")
     parser.add_argument("--samples", type=int, default=PruneOptions.samples, help="calibration sequences")
     parser.add_argument("--calibration-seq-len", type=int, default=PruneOptions.seq_len)

@@ -2,7 +2,9 @@
 
 Prunes SmolLM2-135M-Instruct with every importance method × ratio × calibration source (exports come
 from hywia's cache when they exist), evaluates each export and the dense model on the same fixed
-slices of WikiText-2, PTB and six zero-shot tasks, and writes
+slices of WikiText-2, PTB and six zero-shot tasks. All methods share the uniform layout, except the two
+"-recipe" ones: hybrid and LLM-Pruner's criterion with LLM-Pruner's layer recipe (first 4 and last 2
+layers whole), the baseline as LLM-Pruner publishes it. Writes
 
     benchmarks/results/quality.json        every run: options, pruning report fields, all metrics
     benchmarks/results/quality.md          tables, above-chance retention, the goals checked, the command
@@ -41,9 +43,13 @@ from hywia.pipeline import PruneOptions, prepare_export
 
 log = logging.getLogger("quality")
 
-METHODS = ("hybrid", "fine", "coarse", "fixed", "llm-pruner", "magnitude", "random")
+# "-recipe": the criterion with LLM-Pruner's layer recipe (the first 4 and the last 2 layers kept whole,
+# the rest sharing the removal), as LLM-Pruner is published; the other methods share the uniform layout.
+METHODS = ("hybrid", "fine", "coarse", "fixed", "llm-pruner", "magnitude", "random",
+           "hybrid-recipe", "llm-pruner-recipe")
+LAYER_RECIPE = {"layout": "per-layer", "protect_layers": "first:4,last:2"}
 GRADIENT_FREE = ("magnitude", "random")  # their export ignores the calibration text: pruned once per ratio
-SINGLE_GRANULARITY = ("fine", "coarse", "llm-pruner")
+RIVALS = {"hybrid": ("fine", "coarse", "llm-pruner"), "hybrid-recipe": ("llm-pruner-recipe",)}  # the goals
 CALIBRATIONS = {"self": "self", "gutenberg": "calibration/gutenberg"}  # label → 'self' or a path in --data-dir
 TASK_ORDER = ("wikitext2", "ptb", *ZERO_SHOT_TASKS)
 # Fixed slices (the first N windows / items of each file); quality.md states what a run used. Sizing:
@@ -92,6 +98,13 @@ def planned_runs(args) -> list[dict]:
     return runs
 
 
+def method_fields(method: str) -> dict:
+    """The PruneOptions fields a grid method stands for."""
+    if method.endswith("-recipe"):
+        return {"importance": method.removesuffix("-recipe"), **LAYER_RECIPE}
+    return {"importance": method}
+
+
 def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
     """Prune (or fetch the cached export), load, evaluate; returns the run's record."""
     record = dict(run)
@@ -99,8 +112,8 @@ def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
     if run["method"] != "dense":
         calibration = "self" if run["calibration"] in ("self", "none") else str(
             Path(args.data_dir) / CALIBRATIONS[run["calibration"]])
-        options = PruneOptions(ratio=run["ratio"], importance=run["method"], calibration=calibration,
-                               samples=args.samples, seq_len=args.calibration_seq_len, seed=run["seed"])
+        options = PruneOptions(ratio=run["ratio"], calibration=calibration, samples=args.samples,
+                               seq_len=args.calibration_seq_len, seed=run["seed"], **method_fields(run["method"]))
         export = prepare_export(args.model, options, cache_dir=args.cache_dir)
         report = export.report
         source = str(export.directory)
@@ -204,8 +217,8 @@ def write_markdown(payload: dict, path: Path) -> None:
     lines += goal_lines(groups, dense) + [""]
     lines.append("Plots: `quality_ratio.png` (WikiText-2 perplexity and average accuracy vs ratio), "
                  "`quality_alpha.png` (learned α_fine per layer and unit type).")
-    selected = [f"{key[2]} r{key[1]:g}: {', '.join(str(run.get('selected')) for run in members)}"
-                for key, members in sorted(groups.items(), key=str) if key[0] == "hybrid"]
+    selected = [f"{key[0]} {key[2]} r{key[1]:g}: {', '.join(str(run.get('selected')) for run in members)}"
+                for key, members in sorted(groups.items(), key=str) if key[0] in RIVALS]
     if selected:
         lines.append("Hybrid's blend as selected on held-out calibration loss (learned, or the fixed ½ blend): "
                      + "; ".join(selected) + ".")
@@ -277,24 +290,24 @@ def goal_lines(groups: dict, dense: dict | None) -> list[str]:
         return sum(values) / len(values) if values else None
 
     lines = ["## Goals", ""]
-    for key in sorted((k for k in groups if k[0] == "hybrid"), key=lambda k: (k[1], str(k[2]))):
-        _, ratio, calibration = key
+    for key in sorted((k for k in groups if k[0] in RIVALS), key=lambda k: (k[1], str(k[2]), k[0])):
+        hybrid, ratio, calibration = key
         for name, better, label in (("wikitext2", min, "WikiText-2 perplexity"), ("average", max, "average accuracy")):
             mine = mean(key, name)
-            rivals = {method: mean((method, ratio, calibration), name) for method in SINGLE_GRANULARITY}
+            rivals = {method: mean((method, ratio, calibration), name) for method in RIVALS[hybrid]}
             rivals = {method: value for method, value in rivals.items() if value is not None}
             if mine is None or not rivals:
                 continue
             wins = all(better(mine, value) == mine and mine != value for value in rivals.values())
-            lines.append(f"- r{ratio:g}, {calibration}: hybrid {label} {mine:.3f} vs "
+            lines.append(f"- r{ratio:g}, {calibration}: {hybrid} {label} {mine:.3f} vs "
                          + ", ".join(f"{m} {v:.3f}" for m, v in rivals.items())
-                         + f": **{'hybrid best' if wins else 'hybrid not best'}**")
+                         + f": **{f'{hybrid} best' if wins else f'{hybrid} not best'}**")
         if dense and ratio == 0.2:
             retention = [retention_report(run, dense).get("average") for run in groups[key]]
             retention = [r for r in retention if r is not None]
             if retention:
                 value = sum(retention) / len(retention)
-                lines.append(f"- r0.2, {calibration}: hybrid above-chance retention {value:.3f} "
+                lines.append(f"- r0.2, {calibration}: {hybrid} above-chance retention {value:.3f} "
                              f"(goal ≥ 0.9: **{'met' if value >= 0.9 else 'not met'}**)")
     return lines
 

@@ -45,12 +45,16 @@ def payload():
                          "samples": 32, "calibration_seq_len": 128}}
 
 
-def test_the_default_grid_is_dense_plus_24_runs(quality):
+def test_the_default_grid_is_dense_plus_32_runs(quality):
     runs = quality.planned_runs(quality.parse_args([]))
-    assert runs[0]["method"] == "dense" and len(runs) == 1 + 2 * (2 * 5 + 2)
+    # 2 ratios × (2 calibrations × 7 calibrated methods + magnitude and random once)
+    assert runs[0]["method"] == "dense" and len(runs) == 1 + 2 * (2 * 7 + 2)
     gradient_free = [run for run in runs if run["method"] in ("magnitude", "random")]
     assert {run["calibration"] for run in gradient_free} == {"none"} and len(gradient_free) == 4
     assert len({run["key"] for run in runs}) == len(runs)
+    assert quality.method_fields("llm-pruner-recipe") == {"importance": "llm-pruner", "layout": "per-layer",
+                                                          "protect_layers": "first:4,last:2"}
+    assert quality.method_fields("coarse") == {"importance": "coarse"}
 
 
 def test_report_states_retention_and_checks_the_goals(quality, tmp_path):

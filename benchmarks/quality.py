@@ -215,6 +215,9 @@ def write_markdown(payload: dict, path: Path) -> None:
     for ratio in sorted({key[1] for key in groups if key[1] > 0}):
         lines += [f"## Ratio {ratio:g}", ""] + ratio_table(groups, ratio, tasks, dense) + [""]
     lines += goal_lines(groups, dense) + [""]
+    missing = missing_runs(payload)
+    if missing:
+        lines += [f"Not run yet (planned by the command above; a re-run resumes them): {', '.join(missing)}.", ""]
     lines.append("Plots: `quality_ratio.png` (WikiText-2 perplexity and average accuracy vs ratio), "
                  "`quality_alpha.png` (learned α_fine per layer and unit type).")
     selected = [f"{key[0]} {key[2]} r{key[1]:g}: {', '.join(str(run.get('selected')) for run in members)}"
@@ -223,6 +226,16 @@ def write_markdown(payload: dict, path: Path) -> None:
         lines.append("Hybrid's blend as selected on held-out calibration loss (learned, or the fixed ½ blend): "
                      + "; ".join(selected) + ".")
     path.write_text("\n".join(lines) + "\n")
+
+
+def missing_runs(payload: dict) -> list[str]:
+    """Keys the recorded command plans that the JSON does not hold (an interrupted or stopped grid)."""
+    command = shlex.split(payload.get("command", ""))[2:]  # after "python benchmarks/quality.py"
+    try:
+        planned = planned_runs(parse_args(command))
+    except SystemExit:  # a command from an older version of this script
+        return []
+    return [run["key"] for run in planned if run["key"] not in payload["runs"]]
 
 
 def header_lines(payload: dict, tasks: list[str], dense: dict | None) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 
@@ -35,3 +36,19 @@ def grid_parser(description: str, methods, calibrations: dict, default_calibrati
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--calibrations", default=default_calibrations, help=f"from {', '.join(calibrations)}")
     return parser
+
+
+def missing_runs(commands: list[str], done: dict, parse_args, planned_runs) -> list[str]:
+    """Run keys the recorded commands plan that `done` does not hold (an interrupted or stopped run).
+
+    Each command is "python benchmarks/<script>.py ARGS"; a script's own parse_args and planned_runs
+    turn its ARGS back into the plan.
+    """
+    missing = []
+    for command in commands:
+        try:
+            planned = planned_runs(parse_args(shlex.split(command)[2:]))
+        except SystemExit:  # a command from an older version of the script
+            continue
+        missing += [run["key"] for run in planned if run["key"] not in done and run["key"] not in missing]
+    return missing

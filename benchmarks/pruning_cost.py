@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
-from _common import grid_parser, names, numbers, write_json
+from _common import grid_parser, missing_runs, names, numbers, write_json
 
 log = logging.getLogger("pruning_cost")
 
@@ -135,6 +135,9 @@ def write_markdown(payload: dict, path: Path) -> None:
             f"{'–' if gradients is None else f'{gradients:.1f}'} | {timings.get('importance_s', 0):.1f} | "
             f"{run['peak_rss_bytes'] / 2**30:.2f} | {run['params_after']:,} | {run['ratio_achieved']:.3f} | "
             f"{run['wikitext2_ppl']:.2f} |")
+    missing = missing_runs([payload["command"]], runs, parse_args, planned_runs)
+    if missing:
+        lines += ["", f"Not run (planned by the command above; re-running it resumes): {', '.join(missing)}."]
     lines += ["", "## Goal: hybrid has the lowest perplexity", ""]
     for ratio in sorted({run["ratio"] for run in pruned}):
         for calibration in sorted({run["calibration"] for run in pruned if run["calibration"] != "none"}):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
 import torch
-from _common import grid_parser, names, numbers, write_json
+from _common import grid_parser, missing_runs, names, numbers, write_json
 
 from hywia.evaluation.results import average_accuracy, average_chance, retention_report
 from hywia.evaluation.suite import EvalOptions, evaluate
@@ -149,7 +149,9 @@ def main(argv=None) -> int:
         runs = saved.get("runs", {}) if saved.get("settings") == settings else {}
         if saved and not runs:
             log.info("quality.json was made with other settings: starting afresh")
-        payload = {"command": "python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        earlier = [c for c in (saved.get("commands") or [saved.get("command")]) if c and c != command] if runs else []
+        payload = {"command": command, "commands": [*earlier, command],
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                               f"{torch.get_num_threads()} threads",
@@ -215,9 +217,9 @@ def write_markdown(payload: dict, path: Path) -> None:
     for ratio in sorted({key[1] for key in groups if key[1] > 0}):
         lines += [f"## Ratio {ratio:g}", ""] + ratio_table(groups, ratio, tasks, dense) + [""]
     lines += goal_lines(groups, dense) + [""]
-    missing = missing_runs(payload)
+    missing = missing_runs(recorded_commands(payload), payload["runs"], parse_args, planned_runs)
     if missing:
-        lines += [f"Not run yet (planned by the command above; a re-run resumes them): {', '.join(missing)}.", ""]
+        lines += [f"Not run yet (planned by the commands above; re-running them resumes): {', '.join(missing)}.", ""]
     lines.append("Plots: `quality_ratio.png` (WikiText-2 perplexity and average accuracy vs ratio), "
                  "`quality_alpha.png` (learned α_fine per layer and unit type).")
     selected = [f"{key[0]} {key[2]} r{key[1]:g}: {', '.join(str(run.get('selected')) for run in members)}"
@@ -228,14 +230,8 @@ def write_markdown(payload: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def missing_runs(payload: dict) -> list[str]:
-    """Keys the recorded command plans that the JSON does not hold (an interrupted or stopped grid)."""
-    command = shlex.split(payload.get("command", ""))[2:]  # after "python benchmarks/quality.py"
-    try:
-        planned = planned_runs(parse_args(command))
-    except SystemExit:  # a command from an older version of this script
-        return []
-    return [run["key"] for run in planned if run["key"] not in payload["runs"]]
+def recorded_commands(payload: dict) -> list[str]:
+    return payload.get("commands") or [payload.get("command", "")]
 
 
 def header_lines(payload: dict, tasks: list[str], dense: dict | None) -> list[str]:
@@ -244,7 +240,7 @@ def header_lines(payload: dict, tasks: list[str], dense: dict | None) -> list[st
                        for name in tasks)
     lines = [
         f"# Quality: HyWIA importance methods on {settings['model']}", "",
-        f"- command: `{payload['command']}`",
+        *(f"- command: `{command}`" for command in recorded_commands(payload)),
         f"- date: {payload['date']}; machine: {payload['machine']}",
         f"- grid time: {payload.get('grid_seconds')} s (pruning + evaluation, all invocations of this grid)",
         f"- slices (first N of each file): {slices}",

@@ -38,6 +38,28 @@ def grid_parser(description: str, methods, calibrations: dict, default_calibrati
     return parser
 
 
+# The calibration label of methods that read no calibration text (they are pruned once per ratio).
+NO_CALIBRATION = "none"
+
+
+def grid_cells(args, methods, calibrations: dict, gradient_free) -> list[tuple[float, str, str]]:
+    """(ratio, calibration label, method) for every cell of the grid the flags ask for.
+
+    Gradient-free methods ignore the calibration text: they appear once per ratio, labelled "none".
+    """
+    chosen = names(args.calibrations, calibrations)
+    return [(ratio, NO_CALIBRATION if method in gradient_free else calibration, method)
+            for ratio in numbers(args.ratios, float) for calibration in chosen
+            for method in names(args.methods, methods)
+            if method not in gradient_free or calibration == chosen[0]]
+
+
+def calibration_source(label: str, data_dir, calibrations: dict) -> str:
+    """What PruneOptions.calibration takes for a grid label: 'self', or the corpus path in the data folder."""
+    path = calibrations.get(label, "self")
+    return "self" if path == "self" else str(Path(data_dir) / path)
+
+
 def missing_runs(commands: list[str], done: dict, parse_args, planned_runs) -> list[str]:
     """Run keys the recorded commands plan that `done` does not hold (an interrupted or stopped run).
 

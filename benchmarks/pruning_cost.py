@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
-from _common import grid_parser, missing_runs, names, numbers, write_json
+from _common import calibration_source, grid_cells, grid_parser, missing_runs, write_json
 
 log = logging.getLogger("pruning_cost")
 
@@ -54,15 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def planned_runs(args) -> list[dict]:
     runs = [{"key": "dense", "method": "dense", "ratio": 0.0, "calibration": None}]
-    calibrations = names(args.calibrations, CALIBRATIONS)
-    for calibration in calibrations:  # one calibration source at every ratio first
-        for ratio in numbers(args.ratios, float):
-            for method in names(args.methods, METHODS):
-                if method in GRADIENT_FREE and calibration != calibrations[0]:
-                    continue
-                label = "none" if method in GRADIENT_FREE else calibration
-                runs.append({"key": f"{method}|r{ratio:g}|{label}", "method": method, "ratio": ratio,
-                             "calibration": label})
+    for ratio, label, method in grid_cells(args, METHODS, CALIBRATIONS, GRADIENT_FREE):
+        runs.append({"key": f"{method}|r{ratio:g}|{label}", "method": method, "ratio": ratio, "calibration": label})
     return runs
 
 
@@ -78,9 +71,7 @@ def child(run: dict, args) -> dict:
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     record = {"load_seconds": time.perf_counter() - started}
     if run["method"] != "dense":
-        calibration = CALIBRATIONS.get(run["calibration"], "self")
-        if calibration != "self":
-            calibration = str(Path(args.data_dir) / calibration)
+        calibration = calibration_source(run["calibration"], args.data_dir, CALIBRATIONS)
         options = PruneOptions(ratio=run["ratio"], importance=run["method"], calibration=calibration,
                                seed=args.seed)
         _, report = prune_model(loaded, options, progress=False, cache_dir=None)

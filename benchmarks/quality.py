@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
 import torch
-from _common import grid_parser, missing_runs, names, numbers, write_json
+from _common import calibration_source, grid_cells, grid_parser, missing_runs, numbers, write_json
 
 from hywia.evaluation.results import average_accuracy, average_chance, retention_report
 from hywia.evaluation.suite import EvalOptions, evaluate
@@ -83,18 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def planned_runs(args) -> list[dict]:
     """Dense first, then every (calibration, ratio, method, seed); gradient-free methods once per ratio."""
     runs = [{"key": "dense", "method": "dense", "ratio": 0.0, "calibration": None, "seed": None}]
-    seeds, calibrations = numbers(args.seeds, int), names(args.calibrations, CALIBRATIONS)
+    seeds = numbers(args.seeds, int)
     for seed in seeds:
-        for ratio in numbers(args.ratios, float):
-            for calibration in calibrations:
-                for method in names(args.methods, METHODS):
-                    if method in GRADIENT_FREE and calibration != calibrations[0]:
-                        continue
-                    if method == "magnitude" and seed != seeds[0]:  # deterministic: one seed says it all
-                        continue
-                    label = "none" if method in GRADIENT_FREE else calibration
-                    runs.append({"key": f"{method}|r{ratio:g}|{label}|seed{seed}", "method": method,
-                                 "ratio": ratio, "calibration": label, "seed": seed})
+        for ratio, label, method in grid_cells(args, METHODS, CALIBRATIONS, GRADIENT_FREE):
+            if method == "magnitude" and seed != seeds[0]:  # deterministic: one seed says it all
+                continue
+            runs.append({"key": f"{method}|r{ratio:g}|{label}|seed{seed}", "method": method,
+                         "ratio": ratio, "calibration": label, "seed": seed})
     return runs
 
 
@@ -110,8 +105,7 @@ def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
     record = dict(run)
     source = args.model
     if run["method"] != "dense":
-        calibration = "self" if run["calibration"] in ("self", "none") else str(
-            Path(args.data_dir) / CALIBRATIONS[run["calibration"]])
+        calibration = calibration_source(run["calibration"], args.data_dir, CALIBRATIONS)
         options = PruneOptions(ratio=run["ratio"], calibration=calibration, samples=args.samples,
                                seq_len=args.calibration_seq_len, seed=run["seed"], **method_fields(run["method"]))
         export = prepare_export(args.model, options, cache_dir=args.cache_dir)

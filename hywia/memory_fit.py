@@ -13,7 +13,6 @@ fraction in every layer. A per-layer layout passes its own `shape_for_ratio`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -29,29 +28,7 @@ RATIO_STEP = 0.01
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 _PER_LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
-
-
-def parse_size(text: str) -> int:
-    """'6GiB' → 6442450944. Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units, or bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match and match.group(2).lower()
-    if not match or unit not in _SIZE_UNITS:
-        raise HywiaError(f"cannot read the memory size {text!r}",
-                         "write a number with a unit, e.g. 6GiB, 24GB, 512MiB (GiB = 2^30 bytes, GB = 10^9)")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def parse_count(text: str) -> int:
-    """'3.5B' → 3500000000; also '350M', '7e9', '1200000'."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]?)\s*", text)
-    unit = match and match.group(2).lower()
-    if not match or unit not in _COUNT_UNITS:
-        raise HywiaError(f"cannot read the parameter count {text!r}", "write e.g. 3.5B, 350M or 7e9")
-    return int(float(match.group(1)) * _COUNT_UNITS[unit])
 
 
 def format_bytes(n: float) -> str:

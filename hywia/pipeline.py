@@ -30,11 +30,10 @@ from hywia.memory_fit import (
     Workload,
     choose_ratio,
     even_pruned_config,
-    parse_count,
-    parse_size,
     pruned_config,
 )
 from hywia.models import LoadedModel, load_model, resolve_source
+from hywia.sizes import COUNT_HELP, SIZE_HELP, parse_count, parse_size
 from hywia.plan import (
     KeepCounts,
     PruningPlan,
@@ -404,11 +403,12 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
     group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of the exported weights")
     fit = parser.add_argument_group("fitting a memory or parameter budget (instead of --ratio)")
     fit.add_argument("--target-memory", default=None, metavar="SIZE",
-                     help="choose the smallest ratio whose weights plus KV cache fit SIZE (e.g. 6GiB, 24GB); "
+                     help="choose the smallest ratio whose weights plus KV cache fit SIZE ("
+                          + SIZE_HELP + "); "
                           "needs the served workload: --max-model-len and --max-seqs"
                           + ("" if workload_flags else " (here: --max-model-len and --max-num-seqs)"))
     fit.add_argument("--target-params", default=None, metavar="N",
-                     help="choose the smallest ratio that leaves at most N parameters (e.g. 3.5B, 350M)")
+                     help="choose the smallest ratio that leaves at most N parameters (" + COUNT_HELP + ")")
     if workload_flags:
         fit.add_argument("--max-model-len", type=int, default=None,
                          help="tokens per sequence counted by --target-memory (default: the model's context length)")

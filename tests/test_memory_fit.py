@@ -15,10 +15,9 @@ from hywia.memory_fit import (
     footprint,
     kv_cache_bytes_per_token,
     parameter_count,
-    parse_count,
-    parse_size,
     uniform_pruned_config,
 )
+from hywia.sizes import parse_count, parse_size
 
 LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
             "vocab_size": 32000}
@@ -113,26 +112,6 @@ def test_a_per_layer_shape_function_is_used_for_the_arithmetic():
     assert result.chosen.footprint == footprint(first_layer_whole(result.ratio), WORKLOAD_7B)
     assert result.chosen.footprint.total_bytes <= parse_size("6GiB") < result.previous.footprint.total_bytes
     assert "KV heads (" in result.explanation()  # per-layer widths are described as a range
-
-
-@pytest.mark.parametrize("text, size", [
-    ("6GiB", 6 * 2**30), ("6 GiB", 6 * 2**30), ("6gib", 6 * 2**30), ("24GB", 24 * 10**9),
-    ("1.5GiB", 3 * 2**29), ("512MiB", 2**29), ("1000", 1000),
-])
-def test_parse_size(text, size):
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["six GiB", "6 gigs", "", "GiB", "-1GiB"])
-def test_parse_size_refuses_what_it_cannot_read(text):
-    with pytest.raises(HywiaError, match="cannot read the memory size"):
-        parse_size(text)
-
-
-@pytest.mark.parametrize("text, count", [("3.5B", 3_500_000_000), ("350M", 350_000_000), ("7e9", 7 * 10**9),
-                                         ("1200000", 1_200_000)])
-def test_parse_count(text, count):
-    assert parse_count(text) == count
 
 
 def test_uniform_shape_follows_the_plan_rule():

@@ -91,8 +91,6 @@ def _saved_as(model, config: dict):
     LlamaConfig refuses (e.g. 3 heads in hidden size 320: the Mistral route above)."""
     from transformers import AutoConfig
 
-    import hywia.arch  # noqa: F401  (registers hywia_llama with AutoConfig)
-
     own = model.config
     model.config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
     try:

@@ -85,8 +85,6 @@ def load_model(source: str | None = None, cache_dir=None, allow_pickle: bool = F
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import hywia.arch  # noqa: F401  (registers per-layer export classes)
-
     resolved = resolve_source(source, cache_dir, allow_pickle)
     log.info("loading %s from %s", resolved.source, resolved.directory)
     model = AutoModelForCausalLM.from_pretrained(

@@ -147,6 +147,24 @@ def test_load_model_accepts_a_per_layer_export(export, tmp_path):
     assert loaded.model.config.layer_intermediate_size == [512, 300, 100]
 
 
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_import_hywia_lets_transformers_load_a_per_layer_export(export, transformers_first):
+    """As a new user would (README): `import hywia`, then the Auto classes, in a fresh interpreter;
+    in either order. `import hywia` itself must not pay for importing transformers."""
+    import subprocess
+    import sys
+
+    directory, *_ = export
+    imports = ("from transformers import AutoModelForCausalLM; import hywia" if transformers_first else
+               "import sys, hywia; assert 'transformers' not in sys.modules; "
+               "from transformers import AutoModelForCausalLM")
+    script = (f"{imports}; model = AutoModelForCausalLM.from_pretrained({str(directory)!r}); "
+              "print(type(model).__name__, [l.mlp.down_proj.in_features for l in model.model.layers])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "HywiaLlamaForCausalLM [512, 300, 100]"
+
+
 def test_registration_is_idempotent():
     hywia.arch.register()
     hywia.arch.register()

@@ -8,13 +8,14 @@ Auto classes, so `AutoModelForCausalLM.from_pretrained(export_dir)` works with n
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hywia.arch.configuration_hywia_llama import (
     PER_LAYER_FIELDS,
     HywiaLlamaConfig,
     LayerConfigView,
     check_layer_widths,
+    register_config,
 )
 from hywia.arch.modeling_hywia_llama import HywiaLlamaForCausalLM, HywiaLlamaModel
 
@@ -26,7 +27,7 @@ _IDENTITY_KEYS = ("model_type", "architectures", "transformers_version", "_name_
 
 def register() -> None:
     """Register with the Auto classes. Safe to call any number of times (exist_ok)."""
-    AutoConfig.register(HywiaLlamaConfig.model_type, HywiaLlamaConfig, exist_ok=True)
+    register_config()
     AutoModelForCausalLM.register(HywiaLlamaConfig, HywiaLlamaForCausalLM, exist_ok=True)
 
 

@@ -20,7 +20,7 @@ start-up checks) sizes for the largest layer rather than for a layer that does n
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig
+from transformers import AutoConfig, LlamaConfig
 
 # The per-layer list fields, each paired with the whole-model LlamaConfig field it refines.
 PER_LAYER_FIELDS = {
@@ -93,6 +93,11 @@ class HywiaLlamaConfig(LlamaConfig):
             num_key_value_heads=self.layer_num_key_value_heads[layer_idx],
             intermediate_size=self.layer_intermediate_size[layer_idx],
         )
+
+
+def register_config() -> None:
+    """Let AutoConfig read `"model_type": "hywia_llama"`. Safe to call any number of times."""
+    AutoConfig.register(HywiaLlamaConfig.model_type, HywiaLlamaConfig, exist_ok=True)
 
 
 class LayerConfigView:

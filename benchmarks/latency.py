@@ -29,9 +29,9 @@ from pathlib import Path
 
 import httpx
 
-from server.latency_report import overhead_note, speedup_note, write_results
-from server.loadgen import Target, fixed_prompt, run_levels
-from server.process import ServerProcess, free_port
+from hywia.bench.loadgen import Target, fixed_prompt, run_levels
+from hywia.bench.process import ServerProcess, free_port
+from hywia.bench.report import overhead_note, speedup_note, write_results
 
 log = logging.getLogger("latency")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,11 +1,14 @@
 """The hywia service: an OpenAI-compatible HTTP API in front of a (pruned) model.
 
-Layers, each in its own module, each knowing only the one below it:
-  protocol   the OpenAI request/response shapes (pydantic), nothing else
+Only what the service runs lives here (client tooling is in `hywia.bench`):
+  app        routes, access control, error handlers; includes each endpoint's router
+  state      the start-up phase, the served models, the metrics (what the routes read)
+  startup    decides what gets served: prune or load the export, start the engines
+  limits     body size and concurrent generations
+  metrics    the hywia_* Prometheus series
   errors     OpenAI-shaped error bodies and the statuses that go with them
+  registry   the served models by id
+  openai     the API as vLLM slices it: shared shapes and helpers, then chat/ and completion/,
+             each with its router → protocol → serving
   engines    token ids in, text deltas out: vLLM's AsyncLLM or a built-in torch engine
-  prompts    chat template and tokenisation, context-length checks
-  generation runs the n choices of one request on an engine, timing and counting them
-  serving_*  protocol request → generation → protocol response or SSE stream
-  app        routes, auth, error handlers; startup decides what gets served
 """

@@ -15,11 +15,14 @@ from hywia import __version__
 from server.errors import install_error_handlers, not_ready, unauthorized
 from server.limits import AdmissionGate, BodySizeLimit, ServerLimits
 from server.metrics import CONTENT_TYPE, UNKNOWN_MODEL
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.serving import ServingContext
-from server.serving_chat import create_chat_completion
-from server.serving_completion import create_completion
-from server.startup import Phase, ServeConfig, ServerState, start_serving, stop_serving
+from server.openai.chat.router import router as chat_router
+from server.openai.chat.serving import ChatServing
+from server.openai.completion.router import router as completion_router
+from server.openai.completion.serving import CompletionServing
+from server.openai.protocol import ModelCard, ModelList
+from server.openai.serving import ServingContext
+from server.startup import ServeConfig, start_serving, stop_serving
+from server.state import Phase, ServerState
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -50,6 +53,8 @@ def create_app(config: ServeConfig, access: AccessPolicy | None = None, limits: 
     app.state.hywia = state
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     serving = ServingContext(state.registry, state.metrics, AdmissionGate(limits.max_concurrent_requests))
+    app.state.chat_serving = ChatServing(serving)
+    app.state.completion_serving = CompletionServing(serving)
 
     def count_refused(request: Request, status: int) -> None:
         # Refused completion requests count too; a request that never named a served model
@@ -98,13 +103,8 @@ def create_app(config: ServeConfig, access: AccessPolicy | None = None, limits: 
         return ModelList(data=[ModelCard(id=m.model_id, created=m.created, root=str(m.directory),
                                          max_model_len=m.engine.max_model_len) for m in state.registry.all()])
 
-    @app.post("/v1/chat/completions", dependencies=api)
-    async def chat_completions(request: Request, body: ChatCompletionRequest):
-        return await create_chat_completion(request, body, serving)
-
-    @app.post("/v1/completions", dependencies=api)
-    async def completions(request: Request, body: CompletionRequest):
-        return await create_completion(request, body, serving)
+    app.include_router(chat_router, dependencies=api)
+    app.include_router(completion_router, dependencies=api)
 
     @app.get("/v1/hywia/report", dependencies=api)
     async def pruning_report():

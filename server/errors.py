@@ -11,12 +11,22 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.protocol import ErrorDetail, ErrorResponse
-
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 class APIError(Exception):
@@ -38,6 +48,13 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientDisconnected(Exception):
+    """The client left before its (non-streamed) response was ready; its generation was aborted."""
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client closed the connection"
 
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -98,6 +115,12 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return respond(request, exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_gone(request: Request, exc: ClientDisconnected):
+        # Nobody reads this response; the status is for the access log. The generation has already
+        # counted the request as 499, so on_error is not told again.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
 import time
 from collections.abc import Callable
@@ -23,8 +22,8 @@ import psutil
 from hywia.errors import HywiaError
 from server.engines import resolve_engine_kind, start_engine
 from server.engines.base import EngineSettings
-from server.metrics import ServerMetrics
-from server.registry import CheckpointSize, ModelRegistry, ServedModel, checkpoint_size
+from server.registry import CheckpointSize, ServedModel, checkpoint_size
+from server.state import Phase, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +31,6 @@ log = logging.getLogger(__name__)
 _SHARED_GPU_MEMORY_SHARE = 0.45
 # Loading a checkpoint needs its weights plus working room (tokenizer, activations, allocator slack).
 _LOAD_HEADROOM = 1.2
-
-
-class Phase(str, enum.Enum):
-    LOADING = "loading"
-    PRUNING = "pruning"
-    STARTING_ENGINE = "starting-engine"
-    READY = "ready"
-    FAILED = "failed"
 
 
 # prepare_export's own phase names → what /health reports.
@@ -60,20 +51,6 @@ class ServeConfig:
     @property
     def prunes(self) -> bool:
         return self.prune is not None and getattr(self.prune, "ratio", 0) > 0
-
-
-class ServerState:
-    """What the routes need to know: the start-up phase, the served models, the metrics."""
-
-    def __init__(self, metrics: ServerMetrics | None = None):
-        self.phase = Phase.LOADING
-        self.error: str | None = None
-        self.registry = ModelRegistry()
-        self.metrics = metrics or ServerMetrics()
-
-    @property
-    def ready(self) -> bool:
-        return self.phase is Phase.READY
 
 
 async def start_serving(config: ServeConfig, state: ServerState,

@@ -328,7 +328,7 @@ def test_a_server_answers_a_chat_request_on_the_per_layer_default_model(server, 
                                                                       tmp_path):
     import openai
 
-    from server.process import ServerProcess, free_port
+    from hywia.bench.process import ServerProcess, free_port
     from tests.test_server_api import API_KEY
 
     port = free_port()

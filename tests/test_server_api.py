@@ -21,8 +21,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from server.process import ServerProcess, free_port
-from server.scrape import scrape
+from hywia.bench.process import ServerProcess, free_port
+from hywia.bench.scrape import scrape
 from tests.conftest import TEST_CACHE
 
 API_KEY = "test-key"
@@ -453,7 +453,7 @@ def test_clients_that_disconnect_abort_their_generations(served):
 def test_latency_load_generator_measures_fixed_length_streams(served):
     import asyncio
 
-    from server.loadgen import Target, fixed_prompt, measure
+    from hywia.bench.loadgen import Target, fixed_prompt, measure
 
     target = Target("pruned", served.url, served.model, api_key=API_KEY)
     result = asyncio.run(measure(target, fixed_prompt(30), output_tokens=8, concurrency=2, requests=4))

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from server.process import ServerProcess, free_port
-from server.scrape import scrape
+from hywia.bench.process import ServerProcess, free_port
+from hywia.bench.scrape import scrape
 from tests.test_server_api import API_KEY, serve_command, start, tiny_server_options
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -9,7 +9,9 @@ from pydantic import ValidationError
 
 from server.engines.base import EngineSettings, SamplingOptions
 from server.engines.text_stream import TextStream
-from server.protocol import MAX_N, ChatCompletionRequest, CompletionRequest
+from server.openai.chat.protocol import ChatCompletionRequest
+from server.openai.completion.protocol import CompletionRequest
+from server.openai.protocol import MAX_N
 from server.registry import checkpoint_size
 
 
@@ -187,7 +189,7 @@ def test_admission_gate_refuses_beyond_its_limit_and_frees_dropped_slots():
 
 
 def test_percentile_is_nearest_rank():
-    from server.loadgen import percentile
+    from hywia.bench.loadgen import percentile
 
     values = [float(v) for v in range(1, 11)]
     assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (5.0, 10.0, 10.0)

@@ -53,7 +53,7 @@ def add_arguments(parser) -> None:
 
 
 def parse_target(text: str, api_key: str | None):
-    from server.loadgen import Target
+    from hywia.bench.loadgen import Target
 
     label, _, rest = text.partition("=")
     parts = rest.split(",")
@@ -78,8 +78,8 @@ def weight_bytes_ratio(target, api_key: str | None) -> float:
 
 
 def run(args) -> int:
-    from server.latency_report import overhead_note, speedup_note, write_results
-    from server.loadgen import fixed_prompt, run_levels
+    from hywia.bench.loadgen import fixed_prompt, run_levels
+    from hywia.bench.report import overhead_note, speedup_note, write_results
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the results
     targets = [parse_target(text, args.api_key) for text in args.target]

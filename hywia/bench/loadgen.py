@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import httpx
 import psutil
 
-from server.scrape import scrape
+from hywia.bench.scrape import scrape
 
 # A fixed public-domain passage (Austen, Emma, ch. 1), repeated to the prompt length asked for.
 _PASSAGE = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.loadgen import LoadResult
+from hywia.bench.loadgen import LoadResult
 
 _COLUMNS = (
     ("target", "target", "{}"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from server.engines.base import GenerationDelta, SamplingOptions
 from server.limits import Slot
 from server.metrics import ServerMetrics
-from server.protocol import Usage
+from server.openai.protocol import Usage
 from server.registry import ServedModel
 
 STATUS_OK = "200"

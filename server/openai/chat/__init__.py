@@ -1,0 +1,1 @@
+"""The /v1/chat/completions endpoint: router → protocol → serving."""

@@ -1,0 +1,132 @@
+"""OpenAI API shapes that every endpoint shares (pydantic models, no serving logic).
+
+Requests ignore fields they do not know (as OpenAI does for forward compatibility), but a field this
+server knows and cannot honour (logprobs, tools, penalties, …) is rejected with a 400 that names it,
+instead of being silently dropped: a caller who asked for it would otherwise get a wrong answer.
+Each endpoint's own request and response shapes live in its package (`chat/`, `completion/`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+# vLLM's own server ran n=10000 samples for one request; n fans out into n generations, so cap it.
+MAX_N = 8
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# max_tokens beyond the context is capped to what fits; beyond this it is surely a mistake: refused.
+MAX_TOKENS_LIMIT = 2**31 - 1
+
+
+
+def _is_neutral(value: Any) -> bool:
+    return value in (None, False, 0, "", "none", [], {})
+
+
+class OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    # Fields of the OpenAI API that this server cannot honour: accepted only at their neutral value.
+    refused_fields: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_what_cannot_be_honoured(cls, data, handler):
+        asked = [name for name in cls.refused_fields if isinstance(data, dict) and not _is_neutral(data.get(name))]
+        if asked:  # one error per field, located at the field, so the 400 names it as `param`
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=PydanticCustomError("unsupported", "'{name}' is not supported by this server; leave it unset",
+                                         {"name": name}), loc=(name,), input=data[name]) for name in asked])
+        return handler(data)
+
+
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False
+
+
+class SamplingRequest(OpenAIRequest):
+    """Fields shared by chat and text completions."""
+
+    refused_fields = ("logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "best_of")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extension, which benchmarks use to get fixed output lengths.
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(stop == "" for stop in stops):
+            raise ValueError("a stop sequence must not be empty")
+        return value
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChoiceBase(BaseModel):
+    index: int
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponseBase(BaseModel):
+    """The fields every completion response and stream chunk has besides `object` and `choices`."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hywia"
+    root: str | None = None  # the checkpoint directory the model was loaded from
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

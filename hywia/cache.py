@@ -1,4 +1,8 @@
-"""The on-disk cache: where it lives, atomic directory writes, and checksum manifests.
+"""The on-disk cache: where it lives, content keys, atomic directory writes, and checksum manifests.
+
+A cached result is named by `content_key` of everything that determines it, including
+`code_digest()`: a digest of the whole package's source, so that editing any module that decides or
+writes a result (there is no hand-kept list to forget one in) gives new keys.
 
 Every directory the cache hands out was written to a temporary sibling first and renamed into
 place only when complete, and carries a manifest of SHA-256 checksums. A directory without a
@@ -17,10 +21,36 @@ import time
 import uuid
 from pathlib import Path
 
+from hywia import __version__
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "hywia_manifest.json"
 _HASH_CHUNK = 1 << 22
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Code that cannot change a cached result: the CLI front ends, evaluation and client benchmarking.
+_NOT_DECIDING = ("commands", "evaluation", "bench")
+
+
+def code_digest(package_dir: Path = PACKAGE_DIR) -> str:
+    """SHA-256 over the path and bytes of every .py file of the package, except _NOT_DECIDING."""
+    digest = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        relative = path.relative_to(package_dir)
+        if relative.parts[0] not in _NOT_DECIDING:
+            digest.update(f"{relative.as_posix()}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def code_version(package_dir: Path = PACKAGE_DIR) -> str:
+    """The package version plus a short code digest, for reports."""
+    return f"{__version__}+{code_digest(package_dir)[:12]}"
+
+
+def content_key(fields: dict) -> str:
+    """The SHA-256 of FIELDS (JSON-serialisable) in a canonical form: a cache entry's name."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from hywia import __version__
 from hywia.allocation import GlobalAllocation, comparable_scores, describe
-from hywia.cache import cache_root, move_aside, verify_manifest
+from hywia.cache import PACKAGE_DIR, cache_root, code_digest, code_version, content_key, move_aside, verify_manifest
 from hywia.errors import HywiaError
 from hywia.export import REPORT_NAME, check_output_dir, write_export
 from hywia.importance import CRITERIA, GRADIENT_FREE, METHODS, ImportanceContext
@@ -54,9 +53,6 @@ LAYOUTS = ("uniform", "per-layer")
 ALLOCATIONS = ("even", "global")  # even: the unprotected layers share the removal alike
 NORMALISATIONS = ("rank", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
-# Modules whose code decides or writes the export: a change to any of them changes the cache key.
-_DECIDING_MODULES = ("calibration", "scores", "fusion", "importance", "plan", "allocation", "memory_fit", "surgery",
-                     "export", "units")
 
 
 @dataclass(frozen=True)
@@ -151,17 +147,6 @@ class ExportResult:
 def _check_choice(flag: str, value: str, allowed) -> None:
     if value not in allowed:
         raise HywiaError(f"{flag} {value!r} is not one of {', '.join(allowed)}", f"choose one of: {', '.join(allowed)}")
-
-
-def code_version() -> str:
-    """Package version plus a digest of the modules that decide or write the export."""
-    import hywia
-
-    digest = hashlib.sha256()
-    package_dir = Path(hywia.__file__).parent
-    for name in _DECIDING_MODULES:
-        digest.update((package_dir / f"{name}.py").read_bytes())
-    return f"{__version__}+{digest.hexdigest()[:12]}"
 
 
 def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = True,
@@ -314,9 +299,10 @@ def prune_to_directory(source: str | None, options: PruneOptions, out_dir: Path,
     return ExportResult(out_dir, report, cache_hit=False, seconds=time.perf_counter() - started)
 
 
-def cache_key(source_digest: str, options: PruneOptions) -> str:
-    fields = {"source": source_digest, "options": dataclasses.asdict(options), "code": code_version()}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+def export_key(source_digest: str, options: PruneOptions, package_dir: Path = PACKAGE_DIR) -> str:
+    """What names a cached export: the source's content, the options, and the code that decides and writes it."""
+    return content_key({"source": source_digest, "options": dataclasses.asdict(options), "version": __version__,
+                        "code": code_digest(package_dir)})
 
 
 def prepare_export(source: str | None, options: PruneOptions, cache_dir=None, allow_pickle: bool = False,
@@ -327,7 +313,7 @@ def prepare_export(source: str | None, options: PruneOptions, cache_dir=None, al
     options.validate()
     notify("loading")
     resolved = resolve_source(source, cache_dir, allow_pickle)
-    key = cache_key(resolved.digest, options)
+    key = export_key(resolved.digest, options)
     name = f"{Path(resolved.source).name}-{_export_label(options)}-{options.importance}-{key[:16]}"
     target = cache_root(cache_dir) / "exports" / name
     if target.exists():

@@ -9,8 +9,6 @@ skip the most expensive stage.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import uuid
@@ -18,20 +16,16 @@ from pathlib import Path
 
 import torch
 
-import hywia
+from hywia.cache import code_digest, content_key
 from hywia.calibration import calibration_batch
 from hywia.scores import UnitStatistics, collect_statistics
 
 log = logging.getLogger(__name__)
-# The code that produces the batch and the statistics: a change to it must invalidate the cache.
-_PRODUCING_MODULES = ("calibration.py", "scores.py", "units.py")
 
 
 def statistics_key(source_digest: str, calibration: str, samples: int, seq_len: int, seed: int) -> str:
-    package = Path(hywia.__file__).parent
-    code = hashlib.sha256(b"".join((package / name).read_bytes() for name in _PRODUCING_MODULES)).hexdigest()
-    fields = dict(source=source_digest, calibration=calibration, samples=samples, seq_len=seq_len, seed=seed, code=code)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return content_key(dict(source=source_digest, calibration=calibration, samples=samples, seq_len=seq_len,
+                            seed=seed, code=code_digest()))
 
 
 def calibration_statistics(model, tokenizer, source_digest: str, calibration: str, samples: int, seq_len: int,

@@ -1,0 +1,130 @@
+"""--device resolution, the dtype pruning computes in, and where the weights may go (checked before loading)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hywia.devices import (
+    ACCUMULATOR_BYTES,
+    MemoryMeter,
+    checkpoint_parameters,
+    compute_dtype,
+    placement,
+    resolve_device,
+    source_dtype,
+    statistics_budget_bytes,
+    working_bytes,
+)
+from hywia.errors import HywiaError
+from tests.tiny import tiny_model
+
+
+def test_auto_and_cpu_resolve_on_a_machine_without_cuda():
+    assert not torch.cuda.is_available()  # this suite runs on CPU machines; the GPU path is scripts/gpu_check.sh
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("CPU") == "cpu"
+
+
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_cuda_is_a_clear_error(spec):
+    with pytest.raises(HywiaError, match="sees no CUDA device") as caught:
+        resolve_device(spec)
+    assert "--device cpu" in caught.value.fix
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "mps", "cuda:-1"])
+def test_unknown_device_names_the_choices(spec):
+    with pytest.raises(HywiaError, match="is not one of auto, cpu, cuda, cuda:N"):
+        resolve_device(spec)
+
+
+def test_cuda_index_beyond_the_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(HywiaError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("config, stored", [
+    ({"dtype": "bfloat16"}, "bfloat16"), ({"torch_dtype": "float16"}, "float16"), ({}, "float32"),
+    ({"torch_dtype": "torch.bfloat16"}, "bfloat16"), ({"dtype": "half"}, "float16"), ({"dtype": "int8"}, "float32"),
+])
+def test_source_dtype(config, stored):
+    assert source_dtype(config) == stored
+
+
+def test_compute_dtype_keeps_the_source_but_float16_on_cpu():
+    assert compute_dtype("bfloat16", "cpu") == "bfloat16"
+    assert compute_dtype("float16", "cpu") == "float32"
+    assert compute_dtype("float16", "cuda:0") == "float16"
+
+
+def test_checkpoint_parameters_from_headers(tiny_gqa_dir):
+    model = tiny_model(gqa=True)
+    total, largest_layer = checkpoint_parameters(tiny_gqa_dir)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert largest_layer == sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def test_cpu_placement_refuses_a_model_larger_than_the_ram(tiny_gqa_dir, monkeypatch):
+    import psutil
+
+    total, layer = checkpoint_parameters(tiny_gqa_dir)
+    needed = total * 4 + working_bytes(total, layer, "float32")
+    assert placement(tiny_gqa_dir, "cpu", "float32") == {"": "cpu"}
+    ram = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: ram._replace(total=needed - 1))
+    with pytest.raises(HywiaError, match="this machine has") as caught:
+        placement(tiny_gqa_dir, "cpu", "float32")
+    assert "--device cuda" in caught.value.fix
+
+
+def _fake_gpus(monkeypatch, free: list[int]):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(free))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free[index], free[index]))
+
+
+def test_cuda_placement_one_gpu_spread_or_refuse(tiny_gqa_dir, monkeypatch):
+    """The decision only (no GPU here): one GPU when weights + one layer's statistics fit, accelerate's
+    device_map over every GPU for `cuda` when only their sum does, a clear error otherwise."""
+    total, layer = checkpoint_parameters(tiny_gqa_dir)
+    weights, room = total * 2, working_bytes(total, layer, "bfloat16")
+    _fake_gpus(monkeypatch, [weights + room, 0])
+    assert placement(tiny_gqa_dir, "cuda", "bfloat16") == {"": 0}
+    half = weights // 2 + room + 1024
+    _fake_gpus(monkeypatch, [half, half])
+    assert placement(tiny_gqa_dir, "cuda", "bfloat16") == {"device_map": "auto",
+                                                           "max_memory": {0: half - room, 1: half - room}}
+    with pytest.raises(HywiaError, match="GPU 1 has") as caught:
+        placement(tiny_gqa_dir, "cuda:1", "bfloat16")
+    assert "--device cuda to spread" in caught.value.fix
+    _fake_gpus(monkeypatch, [weights // 4, weights // 4])
+    with pytest.raises(HywiaError, match="the 2 GPUs together have"):
+        placement(tiny_gqa_dir, "cuda", "bfloat16")
+
+
+def test_statistics_budget_on_cpu_is_the_weights():
+    model = tiny_model(gqa=True).to(torch.bfloat16)
+    assert statistics_budget_bytes(model) == 2 * sum(p.numel() for p in model.parameters())
+    assert ACCUMULATOR_BYTES == 8  # Σg and Σg² in float32
+
+
+def test_memory_meter_records_each_stage():
+    from hywia.devices import current_rss_bytes
+
+    meter = MemoryMeter()
+    before = current_rss_bytes()
+    with meter.stage("load"):
+        block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB held past the stage
+    with meter.stage("score"):
+        pass
+    summary = meter.summary()
+    assert list(summary["stages"]) == ["load", "score"]
+    load = summary["stages"]["load"]
+    assert load["rss_bytes"] >= before + block.numel() - 2**20 and load["peak_rss_bytes"] >= load["rss_bytes"]
+    assert load["seconds"] >= 0
+    assert load["peak_cuda_bytes"] is None and summary["peak_cuda_bytes"] is None
+    assert summary["peak_rss_bytes"] >= summary["stages"]["score"]["peak_rss_bytes"] >= load["peak_rss_bytes"]

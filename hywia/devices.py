@@ -116,10 +116,10 @@ def placement(directory: Path, device: str, dtype: str):
     free = {i: torch.cuda.mem_get_info(i)[0] for i in indices}
     if needed <= free[indices[0]]:
         return {"": indices[0]}
-    spread_room = sum(free.values()) - len(indices) * working_bytes(total, layer, dtype)
-    if len(indices) > 1 and weights <= spread_room:
-        # accelerate places whole decoder layers; each GPU keeps room for the statistics of its own layers' chunk.
-        room = working_bytes(total, layer, dtype)
+    # Spread: accelerate places whole decoder layers; each GPU keeps room for one layer's statistics and its
+    # share of the activation headroom.
+    room = ACCUMULATOR_BYTES * layer + int(ACTIVATION_HEADROOM * weights / len(indices))
+    if len(indices) > 1 and weights + len(indices) * room <= sum(free.values()):
         log.info("the model's %s of weights exceed one GPU: spreading its layers over GPUs %s", _gib(weights), indices)
         return {"device_map": "auto", "max_memory": {i: max(0, free[i] - room) for i in indices}}
     where = f"GPU {indices[0]}" if len(indices) == 1 else f"the {len(indices)} GPUs together"

@@ -7,6 +7,7 @@ import torch
 
 from hywia.devices import (
     ACCUMULATOR_BYTES,
+    ACTIVATION_HEADROOM,
     MemoryMeter,
     checkpoint_parameters,
     compute_dtype,
@@ -94,10 +95,11 @@ def test_cuda_placement_one_gpu_spread_or_refuse(tiny_gqa_dir, monkeypatch):
     weights, room = total * 2, working_bytes(total, layer, "bfloat16")
     _fake_gpus(monkeypatch, [weights + room, 0])
     assert placement(tiny_gqa_dir, "cuda", "bfloat16") == {"": 0}
-    half = weights // 2 + room + 1024
+    per_gpu_room = ACCUMULATOR_BYTES * layer + int(ACTIVATION_HEADROOM * weights / 2)
+    half = weights // 2 + per_gpu_room + 1024
     _fake_gpus(monkeypatch, [half, half])
-    assert placement(tiny_gqa_dir, "cuda", "bfloat16") == {"device_map": "auto",
-                                                           "max_memory": {0: half - room, 1: half - room}}
+    assert placement(tiny_gqa_dir, "cuda", "bfloat16") == {
+        "device_map": "auto", "max_memory": {0: half - per_gpu_room, 1: half - per_gpu_room}}
     with pytest.raises(HywiaError, match="GPU 1 has") as caught:
         placement(tiny_gqa_dir, "cuda:1", "bfloat16")
     assert "--device cuda to spread" in caught.value.fix

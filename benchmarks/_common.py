@@ -57,7 +57,9 @@ def grid_cells(args, methods, calibrations: dict, gradient_free) -> list[tuple[f
 def calibration_source(label: str, data_dir, calibrations: dict) -> str:
     """What PruneOptions.calibration takes for a grid label: 'self', or the corpus path in the data folder."""
     path = calibrations.get(label, "self")
-    return "self" if path == "self" else str(Path(data_dir) / path)
+    from hywia.options import resolve_calibration
+
+    return resolve_calibration("self" if path == "self" else str(Path(data_dir) / path))
 
 
 def missing_runs(commands: list[str], done: dict, parse_args, planned_runs) -> list[str]:

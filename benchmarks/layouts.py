@@ -101,9 +101,10 @@ def planned_runs(args) -> list[dict]:
 
 
 def prune_options(run: dict, args):
-    from hywia.pipeline import PruneOptions
+    from hywia.options import PruneOptions, resolve_calibration
 
     calibration = args.calibration if args.calibration == "self" else str(Path(args.data_dir) / args.calibration)
+    calibration = resolve_calibration(calibration)
     return PruneOptions(ratio=run["ratio"], importance=args.importance, calibration=calibration, samples=args.samples,
                         seq_len=args.calibration_seq_len, seed=run["seed"], **LAYOUTS[run["layout"]])
 
@@ -115,7 +116,8 @@ def export_for(run: dict, args) -> tuple[Path, dict | None, bool]:
 
     if run["layout"] == "dense":
         return resolve_source(args.model, args.cache_dir).directory, None, True
-    export = prepare_export(args.model, prune_options(run, args), cache_dir=args.cache_dir)
+    export = prepare_export(resolve_source(args.model, args.cache_dir), prune_options(run, args),
+                            cache_dir=args.cache_dir)
     return export.directory, export.report, export.cache_hit
 
 

@@ -65,7 +65,8 @@ def child(run: dict, args) -> dict:
     """Load, prune (statistics computed afresh), measure; then the perplexity of the pruned model."""
     from hywia.evaluation.suite import EvalOptions, evaluate
     from hywia.models import load_model
-    from hywia.pipeline import PruneOptions, prune_model
+    from hywia.options import PruneOptions
+    from hywia.pipeline import prune_model
 
     started = time.perf_counter()
     loaded = load_model(args.model, cache_dir=args.cache_dir)
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(json.loads(args.child), args)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from hywia.pipeline import PruneOptions
+    from hywia.options import PruneOptions
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.output_dir / "pruning_cost.json"

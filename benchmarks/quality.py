@@ -39,7 +39,8 @@ from hywia.evaluation.results import average_accuracy, average_chance, retention
 from hywia.evaluation.suite import EvalOptions, evaluate
 from hywia.evaluation.tasks import TASKS, ZERO_SHOT_TASKS, parse_limits
 from hywia.models import load_model, resolve_source
-from hywia.pipeline import PruneOptions, prepare_export
+from hywia.options import PruneOptions
+from hywia.pipeline import prepare_export
 
 log = logging.getLogger("quality")
 
@@ -108,7 +109,7 @@ def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
         calibration = calibration_source(run["calibration"], args.data_dir, CALIBRATIONS)
         options = PruneOptions(ratio=run["ratio"], calibration=calibration, samples=args.samples,
                                seq_len=args.calibration_seq_len, seed=run["seed"], **method_fields(run["method"]))
-        export = prepare_export(args.model, options, cache_dir=args.cache_dir)
+        export = prepare_export(resolve_source(args.model, args.cache_dir), options, cache_dir=args.cache_dir)
         report = export.report
         source = str(export.directory)
         record.update(export=source, cache_hit=export.cache_hit, prune_seconds=report.get("prune_seconds"),

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from hywia.cache import atomic_directory
 from hywia.errors import HywiaError
-from hywia.plan import PruningPlan
-from hywia.units import ATTENTION, MLP
+from hywia.plan import PruningPlan, is_per_layer, pruned_config
 
 REPORT_NAME = "hywia_report.json"
 # Keys of LlamaConfig that Mistral's config does not describe; a model that uses them cannot take
@@ -25,20 +24,13 @@ _LLAMA_ONLY_FEATURES = ("attention_bias", "mlp_bias")
 
 
 def export_config(model, plan: PruningPlan) -> dict:
-    """The config.json content for the sliced model."""
-    config = model.config.to_dict()
-    config["architectures"] = ["LlamaForCausalLM"]
-    config["head_dim"] = model.model.layers[0].self_attn.head_dim
-    group_size = model.model.layers[0].self_attn.num_key_value_groups
-    kv_heads = [len(p.kept(ATTENTION)) for p in plan.layers]
-    intermediate = [len(p.kept(MLP)) for p in plan.layers]
-    if not plan.is_uniform:
+    """The config.json content for the sliced model (hywia.plan.pruned_config in the form loaders take)."""
+    config = pruned_config(model.config.to_dict(), plan.keep_counts())
+    if is_per_layer(config):
         from hywia.arch import per_layer_config
 
-        return per_layer_config(model.config, [k * group_size for k in kv_heads], kv_heads, intermediate).to_dict()
-    config["num_key_value_heads"] = kv_heads[0]
-    config["num_attention_heads"] = kv_heads[0] * group_size
-    config["intermediate_size"] = intermediate[0]
+        return per_layer_config(config).to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
     if config["hidden_size"] % config["num_attention_heads"] != 0:
         if any(config.get(key) for key in _LLAMA_ONLY_FEATURES):
             raise HywiaError(

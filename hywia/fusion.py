@@ -21,12 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hywia.plan import KeepCounts
-from hywia.units import ATTENTION, MLP, UNIT_KINDS, decoder_layers
+from hywia.scores import LayerScores, normalise
+from hywia.units import ATTENTION, MLP, UNIT_KINDS, KeepCounts, decoder_layers
 
 log = logging.getLogger(__name__)
 GRANULARITIES = ("fine", "coarse")
-LayerScores = list[dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -40,18 +39,6 @@ class FusionConfig:
     batch_size: int = 2
     kl_weight: float = 0.0  # optionally also match the dense model's next-token distribution
     holdout_fraction: float = 0.25
-
-
-def normalise(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """Put one (layer, type) score vector on a common scale: divide by its mean, or rank it in [0, 1]."""
-    scores = scores.float()
-    if how == "mean":
-        return scores / scores.mean().clamp_min(1e-30)
-    if how == "rank":
-        ranks = torch.empty_like(scores)
-        ranks[scores.argsort(stable=True)] = torch.arange(scores.numel(), dtype=torch.float32)
-        return ranks / max(scores.numel() - 1, 1)
-    raise ValueError(f"unknown normalisation {how!r} (mean or rank)")
 
 
 def granularity_features(own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -178,10 +165,6 @@ def train_fusion(model, fine_hat: LayerScores, coarse_hat: LayerScores, keep: li
     )
 
 
-def _keep_of(counts: KeepCounts, kind: str) -> int:
-    return counts.kv_groups if kind == ATTENTION else counts.mlp_channels
-
-
 def soft_mask(scores: torch.Tensor, keep: int, temperature: float) -> torch.Tensor:
     """σ((I − θ)/T) with θ halfway between the last kept and the first removed score."""
     if keep >= scores.numel():
@@ -193,7 +176,7 @@ def soft_mask(scores: torch.Tensor, keep: int, temperature: float) -> torch.Tens
 
 
 def soft_masks(scores: LayerScores, keep: list[KeepCounts], temperature: float) -> list[dict[str, torch.Tensor]]:
-    return [{k: soft_mask(scores[i][k], _keep_of(keep[i], k), temperature) for k in UNIT_KINDS}
+    return [{k: soft_mask(scores[i][k], keep[i].of(k), temperature) for k in UNIT_KINDS}
             for i in range(len(scores))]
 
 
@@ -213,7 +196,7 @@ def hard_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 @torch.no_grad()
 def hard_masked_loss(model, scores: LayerScores, keep: list[KeepCounts], batch: torch.Tensor) -> float:
-    masks = [{k: hard_mask(scores[i][k], _keep_of(keep[i], k)) for k in UNIT_KINDS} for i in range(len(scores))]
+    masks = [{k: hard_mask(scores[i][k], keep[i].of(k)) for k in UNIT_KINDS} for i in range(len(scores))]
     with apply_unit_masks(model, masks):
         return float(_calibration_loss(model, batch.to(model.device), 0.0))
 

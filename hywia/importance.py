@@ -2,28 +2,52 @@
 
 Each criterion maps (statistics, context) to one score per unit, per layer and type; the planner
 never knows which one ran. Only `hybrid` trains anything (the fusion); the rest are closed forms.
+
+A criterion is one function here plus its `Criterion` registration in `CRITERIA`, which also says
+what the rest of the pipeline needs to know about it: whether it reads calibration statistics,
+whether its scores depend on the keep counts, and how its scores are made comparable across layers
+and unit kinds for `--allocation global` (hywia.budget ranks those without knowing the criterion):
+
+* `fine`, `coarse`, `llm-pruner` are raw magnitudes of a Taylor estimate of the loss change when
+  the unit goes, in loss units in every layer; `magnitude` is Σ|w| over the unit. A KV group owns
+  ~170× the parameters of an MLP channel (SmolLM2), so the raw score is divided by the unit's
+  parameter count: the knapsack orders by importance per parameter saved.
+* `fixed` and `hybrid` blend fine and coarse after normalising each *within its layer*, which makes
+  every layer's scores look alike: ranked globally they would only reproduce the uniform layout.
+  Their comparable scores normalise (`--normalize`) once over every unit of every layer instead,
+  the per-parameter fine and coarse scores, blended ½/½ (rank-averaging was the best fixed blend
+  measured, HYWIA.md §4).
+* `random` scores are already indifferent to the unit, so they are used as they are.
+
+`hybrid`'s own scores need the keep counts (the fusion's soft masks are set at them), so under global
+allocation its counts come from the comparable blend above and the fusion then trains at them: the
+counts the learned blend would give in turn depend on the trained scores, so fixing them first keeps
+training a single, well-defined run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from hywia.fusion import FusionConfig, blend, fixed_alpha, normalise, train_fusion
-from hywia.plan import KeepCounts
-from hywia.scores import LayerScores, UnitStatistics, magnitude_scores
-from hywia.units import UNIT_KINDS
-
-METHODS = ("hybrid", "fine", "coarse", "fixed", "llm-pruner", "magnitude", "random")
-GRADIENT_FREE = ("magnitude", "random")
+from hywia.fusion import FusionConfig, blend, fixed_alpha, train_fusion
+from hywia.scores import (
+    LayerScores,
+    UnitStatistics,
+    magnitude_scores,
+    normalise_across_layers,
+    normalise_within_layers,
+)
+from hywia.units import UNIT_KINDS, KeepCounts, LayerShape
 
 
 @dataclass
 class ImportanceContext:
     model: object
-    batch: torch.Tensor  # calibration token ids [N, L]
-    keep: list[KeepCounts]
+    batch: torch.Tensor | None  # calibration token ids [N, L]; None for criteria without statistics
+    keep: list[KeepCounts] | None  # read only by criteria registered with needs_keep
     seed: int = 0
     normalize: str = "rank"
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -35,10 +59,6 @@ class Importance:
     scores: LayerScores
     alpha: list[dict[str, list[float]]] | None = None  # per layer, per type: [α_fine, α_coarse]
     details: dict = field(default_factory=dict)
-
-
-def _normalised(scores: LayerScores, how: str) -> LayerScores:
-    return [{k: normalise(layer[k], how) for k in UNIT_KINDS} for layer in scores]
 
 
 def _alpha_lists(alpha) -> list[dict[str, list[float]]]:
@@ -72,20 +92,68 @@ def random_scores(stats: UnitStatistics | None, ctx: ImportanceContext) -> Impor
 def fixed(stats: UnitStatistics, ctx: ImportanceContext) -> Importance:
     """α = ½ for both granularities in every layer (the untrained blend)."""
     alpha = fixed_alpha(len(stats.fine))
-    scores = blend(_normalised(stats.fine, ctx.normalize), _normalised(stats.coarse, ctx.normalize), alpha)
+    scores = blend(normalise_within_layers(stats.fine, ctx.normalize),
+                   normalise_within_layers(stats.coarse, ctx.normalize), alpha)
     return Importance(scores, _alpha_lists(alpha), {"normalize": ctx.normalize})
 
 
 def hybrid(stats: UnitStatistics, ctx: ImportanceContext) -> Importance:
     """The learned attention blend of fine and coarse, trained end-to-end on calibration data."""
-    result = train_fusion(ctx.model, _normalised(stats.fine, ctx.normalize), _normalised(stats.coarse, ctx.normalize),
-                          ctx.keep, ctx.batch, ctx.fusion, ctx.seed, ctx.progress)
+    result = train_fusion(ctx.model, normalise_within_layers(stats.fine, ctx.normalize),
+                          normalise_within_layers(stats.coarse, ctx.normalize), ctx.keep, ctx.batch, ctx.fusion,
+                          ctx.seed, ctx.progress)
     details = dict(result.diagnostics, selected=result.selected, normalize=ctx.normalize,
                    learned_alpha=_alpha_lists(result.learned_alpha))
     return Importance(result.scores, _alpha_lists(result.alpha), details)
 
 
+# ---- scores comparable across layers and unit kinds (for --allocation global) ----------------------
+
+def per_parameter(scores: LayerScores, shapes: list[LayerShape]) -> LayerScores:
+    return [{k: layer[k].float() / shape.unit_params(k) for k in UNIT_KINDS} for layer, shape in zip(scores, shapes)]
+
+
+def own_per_parameter(stats, own: LayerScores, shapes: list[LayerShape], normalize: str) -> LayerScores:
+    """A per-unit total (a loss estimate or Σ|w|) divided by the parameters the unit owns."""
+    return per_parameter(own, shapes)
+
+
+def own_as_drawn(stats, own: LayerScores, shapes: list[LayerShape], normalize: str) -> LayerScores:
+    return own
+
+
+def granularities_blended_across_layers(stats: UnitStatistics, own, shapes: list[LayerShape],
+                                        normalize: str) -> LayerScores:
+    fine_hat = normalise_across_layers(per_parameter(stats.fine, shapes), normalize)
+    coarse_hat = normalise_across_layers(per_parameter(stats.coarse, shapes), normalize)
+    return [{k: 0.5 * f[k] + 0.5 * c[k] for k in UNIT_KINDS} for f, c in zip(fine_hat, coarse_hat)]
+
+
+_PER_PARAMETER = "raw {name} score divided by the unit's parameter count"
+_BLENDED = ("per-parameter fine and coarse scores, each normalised ({normalize}) over all units of all layers, "
+            "blended 1/2-1/2")
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A criterion and what the pipeline must know about it."""
+
+    score: Callable[[UnitStatistics | None, ImportanceContext], Importance]
+    # (statistics, the criterion's own scores or None when needs_keep, shapes, normalisation) → scores
+    # that rank units across layers and kinds; `ranking` says how, for the report ({normalize} filled in).
+    comparable: Callable[[UnitStatistics | None, LayerScores | None, list[LayerShape], str], LayerScores]
+    ranking: str
+    needs_statistics: bool = True
+    needs_keep: bool = False  # its scores depend on the keep counts, so they are computed after them
+
+
 CRITERIA = {
-    "hybrid": hybrid, "fine": fine, "coarse": coarse, "fixed": fixed,
-    "llm-pruner": llm_pruner, "magnitude": magnitude, "random": random_scores,
+    "hybrid": Criterion(hybrid, granularities_blended_across_layers,
+                        _BLENDED + " (the fusion then trains with these counts)", needs_keep=True),
+    "fine": Criterion(fine, own_per_parameter, _PER_PARAMETER),
+    "coarse": Criterion(coarse, own_per_parameter, _PER_PARAMETER),
+    "fixed": Criterion(fixed, granularities_blended_across_layers, _BLENDED),
+    "llm-pruner": Criterion(llm_pruner, own_per_parameter, _PER_PARAMETER),
+    "magnitude": Criterion(magnitude, own_per_parameter, _PER_PARAMETER, needs_statistics=False),
+    "random": Criterion(random_scores, own_as_drawn, "the random scores as drawn", needs_statistics=False),
 }

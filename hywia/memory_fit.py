@@ -6,29 +6,24 @@ allocator slack are not counted: leave headroom for them (vLLM's `gpu_memory_uti
 
 Everything here is arithmetic on a config dict (a HF `config.json`, uniform or with HywiaLlama's
 per-layer lists), so a 7B-shaped target can be checked without any weights. The ratio is the
-fraction of the whole model's parameters removed (LLM-Pruner's convention, as in hywia.plan); the
-shape a ratio gives is, by default, the uniform layout in which attention and MLP lose about the same
-fraction in every layer. A per-layer layout passes its own `shape_for_ratio`.
+fraction of the whole model's parameters removed (LLM-Pruner's convention, as in hywia.budget); the
+keep counts a ratio gives come from an allocator (hywia.budget): by default the uniform layout, in
+which attention and MLP lose about the same fraction in every layer; a per-layer layout passes its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+from hywia.budget import MAX_RATIO, Allocator, allocator, uniform_budget  # MAX_RATIO: the most hywia removes
 from hywia.errors import HywiaError
-from hywia.plan import (  # MAX_RATIO: the most hywia removes
-    MAX_RATIO,
-    KeepCounts,
-    LayerShape,
-    layer_keep_counts,
-)
+from hywia.plan import head_dim, layer_widths, pruned_config
+from hywia.units import LayerShape
 
 RATIO_STEP = 0.01
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 
-_PER_LAYER_KEYS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_size")
 
 
 def format_bytes(n: float) -> str:
@@ -67,21 +62,6 @@ def _dtype_bytes(dtype: str) -> int:
 
 
 # ---- shapes -------------------------------------------------------------------------------------
-
-def head_dim(config: dict) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-
-
-def layer_widths(config: dict) -> list[tuple[int, int, int]]:
-    """(query heads, KV heads, MLP channels) of every layer: HywiaLlama's per-layer lists where the
-    config has them, else the whole-model values repeated."""
-    n_layers = config["num_hidden_layers"]
-    heads = config.get("layer_num_attention_heads") or [config["num_attention_heads"]] * n_layers
-    kv_default = config.get("num_key_value_heads") or config["num_attention_heads"]
-    kv_heads = config.get("layer_num_key_value_heads") or [kv_default] * n_layers
-    channels = config.get("layer_intermediate_size") or [config["intermediate_size"]] * n_layers
-    return list(zip(heads, kv_heads, channels))
-
 
 def parameter_count(config: dict) -> int:
     """Parameters of a LLaMA-family model with this config (what LlamaForCausalLM allocates)."""
@@ -127,7 +107,7 @@ def footprint(config: dict, workload: Workload) -> Footprint:
 
 
 def config_layer_shapes(config: dict) -> list[LayerShape]:
-    """hywia.plan's view of every layer (units and what one unit owns), from a config alone. The unit
+    """hywia.budget's view of every layer (units and what one unit owns), from a config alone. The unit
     costs are those of hywia.units: a KV group owns its q/k/v rows (and biases) and o_proj columns, an
     MLP channel its gate/up rows (and biases) and down_proj column."""
     hidden, dim = config["hidden_size"], head_dim(config)
@@ -141,39 +121,14 @@ def config_layer_shapes(config: dict) -> list[LayerShape]:
     return shapes
 
 
-def pruned_config(config: dict, keep: list[KeepCounts]) -> dict:
-    """CONFIG with layer i cut to keep[i]: the stock whole-model fields when every layer keeps the
-    same, else HywiaLlama's per-layer lists (what hywia.export writes for that plan)."""
-    widths = layer_widths(config)
-    group_sizes = [heads // kv_heads for heads, kv_heads, _ in widths]
-    heads = [counts.kv_groups * group for counts, group in zip(keep, group_sizes)]
-    kv_heads = [counts.kv_groups for counts in keep]
-    channels = [counts.mlp_channels for counts in keep]
-    shaped = {key: value for key, value in config.items() if key not in _PER_LAYER_KEYS}
-    shaped["head_dim"] = head_dim(config)
-    if len(set(zip(heads, kv_heads, channels))) == 1:
-        return {**shaped, "num_attention_heads": heads[0], "num_key_value_heads": kv_heads[0],
-                "intermediate_size": channels[0]}
-    return {**shaped, "num_attention_heads": max(heads), "num_key_value_heads": max(kv_heads),
-            "intermediate_size": max(channels), "layer_num_attention_heads": heads,
-            "layer_num_key_value_heads": kv_heads, "layer_intermediate_size": channels}
-
-
-def even_pruned_config(config: dict, ratio: float, protected: Iterable[int] = (), align_heads: int = 1,
-                       align_mlp: int = 1) -> dict:
-    """CONFIG as hywia.plan.layer_keep_counts cuts it at RATIO: PROTECTED layers whole, the others
-    sharing the removal evenly (nothing protected: the uniform layout). Raises HywiaError when RATIO
-    would empty a layer."""
-    if ratio == 0:
-        return dict(config)
-    shapes = config_layer_shapes(config)
-    return pruned_config(config, layer_keep_counts(shapes, parameter_count(config), ratio, protected,
-                                                   align_heads, align_mlp))
+def uniform_allocator(config: dict, align_heads: int = 1, align_mlp: int = 1) -> Allocator:
+    """The uniform layout's keep counts for CONFIG at any ratio (hywia.budget on a config's shapes)."""
+    return allocator(uniform_budget(config_layer_shapes(config), parameter_count(config), align_heads, align_mlp))
 
 
 def uniform_pruned_config(config: dict, ratio: float, align_heads: int = 1, align_mlp: int = 1) -> dict:
-    """CONFIG with the uniform layout RATIO gives (hywia.plan.uniform_keep_counts on a config)."""
-    return even_pruned_config(config, ratio, (), align_heads, align_mlp)
+    """CONFIG with the uniform layout RATIO gives."""
+    return pruned_config(config, uniform_allocator(config, align_heads, align_mlp)(ratio))
 
 
 def describe_widths(config: dict) -> str:
@@ -269,21 +224,21 @@ def ratio_steps() -> list[float]:
 
 def choose_ratio(config: dict, workload: Workload, *, target_memory: int | None = None,
                  target_params: int | None = None,
-                 shape_for_ratio: Callable[[float], dict] | None = None) -> FitResult:
+                 allocate: Allocator | None = None) -> FitResult:
     """The smallest ratio of `ratio_steps()` whose footprint fits the target (exactly one of
-    TARGET_MEMORY in bytes or TARGET_PARAMS). SHAPE_FOR_RATIO maps a ratio > 0 to the pruned config
+    TARGET_MEMORY in bytes or TARGET_PARAMS). ALLOCATE maps a ratio > 0 to keep counts per layer
     (default: the uniform layout) and raises HywiaError past the largest ratio it can make. Raises
     HywiaError, with the arithmetic of the closest miss, when no allowed ratio fits."""
     if (target_memory is None) == (target_params is None):
         raise ValueError("give exactly one of target_memory and target_params")
     target, limit = ("memory", target_memory) if target_memory is not None else ("params", target_params)
-    shape_for_ratio = shape_for_ratio or (lambda ratio: uniform_pruned_config(config, ratio))
+    allocate = allocate or uniform_allocator(config)
     dense = Candidate(0.0, dict(config), footprint(config, workload))
 
     previous = None
     for ratio in ratio_steps():
         try:
-            shape = shape_for_ratio(ratio) if ratio else dense.config
+            shape = pruned_config(config, allocate(ratio)) if ratio else dense.config
         except HywiaError:
             break  # the shape cannot go this far: `previous` is the largest ratio it allows
         current = Candidate(ratio, shape, footprint(shape, workload))

@@ -82,10 +82,15 @@ def resolve_source(source: str | None = None, cache_dir=None, allow_pickle: bool
 def load_model(source: str | None = None, cache_dir=None, allow_pickle: bool = False, dtype: str = "float32",
                device: str = "cpu") -> LoadedModel:
     """Resolve SOURCE and load it as a causal LM with its tokenizer (chat template included)."""
+    return load_resolved(resolve_source(source, cache_dir, allow_pickle), allow_pickle, dtype, device)
+
+
+def load_resolved(resolved: ResolvedSource, allow_pickle: bool = False, dtype: str = "float32",
+                  device: str = "cpu") -> LoadedModel:
+    """Load a source `resolve_source` already checked and hashed (it is not hashed again)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    resolved = resolve_source(source, cache_dir, allow_pickle)
     log.info("loading %s from %s", resolved.source, resolved.directory)
     model = AutoModelForCausalLM.from_pretrained(
         resolved.directory, dtype=getattr(torch, dtype), use_safetensors=not allow_pickle or None

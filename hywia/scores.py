@@ -33,6 +33,30 @@ class UnitStatistics:
     magnitude: LayerScores = field(default_factory=list)
 
 
+def normalise(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Put one score vector on a common scale: divide by its mean, or rank it in [0, 1]."""
+    scores = scores.float()
+    if how == "mean":
+        return scores / scores.mean().clamp_min(1e-30)
+    if how == "rank":
+        ranks = torch.empty_like(scores)
+        ranks[scores.argsort(stable=True)] = torch.arange(scores.numel(), dtype=torch.float32)
+        return ranks / max(scores.numel() - 1, 1)
+    raise ValueError(f"unknown normalisation {how!r} (mean or rank)")
+
+
+def normalise_within_layers(scores: LayerScores, how: str) -> LayerScores:
+    """`normalise` each (layer, kind) score vector on its own: every layer then looks alike."""
+    return [{k: normalise(layer[k], how) for k in UNIT_KINDS} for layer in scores]
+
+
+def normalise_across_layers(scores: LayerScores, how: str) -> LayerScores:
+    """`normalise` over the concatenation of every layer's and kind's scores: comparable everywhere."""
+    flat = normalise(torch.cat([layer[k] for layer in scores for k in UNIT_KINDS]), how)
+    pieces = iter(flat.split([layer[k].numel() for layer in scores for k in UNIT_KINDS]))
+    return [{k: next(pieces) for k in UNIT_KINDS} for _ in scores]
+
+
 def magnitude_scores(model) -> LayerScores:
     """Σ|w| over each unit: the data-free floor."""
     return [

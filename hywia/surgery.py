@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hywia.plan import PruningPlan
+from hywia.plan import PruningPlan, pruned_config
 from hywia.units import ATTENTION, MLP, UNIT_KINDS, decoder_layers, unit_count, unit_members
 
 
@@ -21,6 +21,7 @@ def slice_model(model, plan: PruningPlan):
     layers = decoder_layers(model)
     if len(layers) != len(plan.layers):
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {len(layers)}")
+    shaped = pruned_config(model.config.to_dict(), plan.keep_counts())
     for layer, layer_plan in zip(layers, plan.layers):
         for kind in UNIT_KINDS:
             n_units = unit_count(layer, kind)
@@ -30,7 +31,9 @@ def slice_model(model, plan: PruningPlan):
                 sliced = member.param.index_select(member.dim, index).clone()
                 setattr(member.module, member.param_name, torch.nn.Parameter(sliced, requires_grad=False))
         _refresh_linear_shapes(layer)
-    _update_config(model, plan)
+    if plan.is_uniform:  # keep the in-memory config truthful (per-layer configs are written at export)
+        for key in ("head_dim", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            setattr(model.config, key, shaped[key])
     return model
 
 
@@ -54,14 +57,3 @@ def _refresh_linear_shapes(layer) -> None:
     for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
         module.out_features, module.in_features = module.weight.shape
-
-
-def _update_config(model, plan: PruningPlan) -> None:
-    """Keep the in-memory config truthful for the uniform case (per-layer configs are built at export)."""
-    config = model.config
-    group_size = config.num_attention_heads // config.num_key_value_heads
-    if plan.is_uniform:
-        first = plan.layers[0]
-        config.num_key_value_heads = len(first.kept(ATTENTION))
-        config.num_attention_heads = len(first.kept(ATTENTION)) * group_size
-        config.intermediate_size = len(first.kept(MLP))

@@ -6,7 +6,8 @@
 
 A unit's members are (module path, parameter, dimension); along that dimension the parameter is
 laid out as n_units equal blocks, which is all that scoring (per-unit sums) and surgery (slicing)
-need to know.
+need to know. `LayerShape` (units and what one owns) and `KeepCounts` (units kept) are the counts
+every later stage speaks in, so they live here, in the earliest stage that has them.
 """
 
 from __future__ import annotations
@@ -82,3 +83,48 @@ def count_parameters(model) -> int:
     """All parameters, tied embeddings counted once (`parameters()` yields a shared tensor once);
     the denominator of the pruning ratio. Works on the meta device too."""
     return sum(param.numel() for param in model.parameters())
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What pruning can take from one decoder layer: its units, and the parameters one unit owns."""
+
+    kv_groups: int
+    mlp_channels: int
+    kv_group_params: int
+    mlp_channel_params: int
+
+    def count(self, kind: str) -> int:
+        return self.kv_groups if kind == ATTENTION else self.mlp_channels
+
+    def unit_params(self, kind: str) -> int:
+        return self.kv_group_params if kind == ATTENTION else self.mlp_channel_params
+
+    @property
+    def prunable_params(self) -> int:
+        return self.kv_groups * self.kv_group_params + self.mlp_channels * self.mlp_channel_params
+
+    def removed_params(self, counts: KeepCounts) -> int:
+        return ((self.kv_groups - counts.kv_groups) * self.kv_group_params
+                + (self.mlp_channels - counts.mlp_channels) * self.mlp_channel_params)
+
+    @property
+    def whole(self) -> KeepCounts:
+        return KeepCounts(self.kv_groups, self.mlp_channels)
+
+
+@dataclass(frozen=True)
+class KeepCounts:
+    """How many units of each kind one layer keeps (hywia.budget decides them)."""
+
+    kv_groups: int
+    mlp_channels: int
+
+    def of(self, kind: str) -> int:
+        return self.kv_groups if kind == ATTENTION else self.mlp_channels
+
+
+def layer_shapes(model) -> list[LayerShape]:
+    return [LayerShape(unit_count(layer, ATTENTION), unit_count(layer, MLP),
+                       unit_param_count(layer, ATTENTION), unit_param_count(layer, MLP))
+            for layer in decoder_layers(model)]

@@ -73,6 +73,9 @@ DEFAULT_EXPORT_RATIO = 0.2
 
 @pytest.fixture(scope="session")
 def pruned_default_export(test_cache, default_model_dir):
-    from hywia.pipeline import PruneOptions, prepare_export
+    from hywia.models import resolve_source
+    from hywia.options import PruneOptions
+    from hywia.pipeline import prepare_export
 
-    return prepare_export(None, PruneOptions(ratio=DEFAULT_EXPORT_RATIO), cache_dir=test_cache)
+    return prepare_export(resolve_source(None, test_cache), PruneOptions(ratio=DEFAULT_EXPORT_RATIO),
+                          cache_dir=test_cache)

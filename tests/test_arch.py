@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 import hywia.arch
 from hywia.arch import HywiaLlamaConfig, HywiaLlamaForCausalLM, per_layer_config
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import tiny_model, tiny_tokenizer, with_layer_widths
 
 # Three layers of a GQA model (2 KV groups of 2 query heads, 512 MLP channels), each cut differently:
 # layer 0 whole, layer 1 keeps KV group 1 and 300 channels, layer 2 keeps group 0 and 100 channels.
@@ -75,10 +75,9 @@ def save_per_layer_export(directory, seed: int = 0):
                           bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
     channels = kept_mlp_channels(seed)
     group_size = original.config.num_attention_heads // original.config.num_key_value_heads
-    config = per_layer_config(original.config,
-                              attention_heads=[len(g) * group_size for g in KEPT_KV_GROUPS],
-                              kv_heads=[len(g) for g in KEPT_KV_GROUPS],
-                              intermediate_sizes=[len(c) for c in channels])
+    config = per_layer_config(with_layer_widths(original.config, heads=[len(g) * group_size for g in KEPT_KV_GROUPS],
+                                                kv_heads=[len(g) for g in KEPT_KV_GROUPS],
+                                                intermediate_sizes=[len(c) for c in channels]))
     pruned = HywiaLlamaForCausalLM(config).eval()
     pruned.load_state_dict(sliced_state_dict(original, KEPT_KV_GROUPS, channels), strict=True)
     pruned.save_pretrained(directory, safe_serialization=True)
@@ -173,7 +172,7 @@ def test_registration_is_idempotent():
 
 def test_uniform_lists_describe_the_stock_model():
     base = tiny_model(gqa=True, layers=2)
-    config = per_layer_config(base.config, [4, 4], [2, 2], [512, 512])
+    config = per_layer_config(with_layer_widths(base.config, [4, 4], [2, 2], [512, 512]))
     assert config.is_uniform
     model = HywiaLlamaForCausalLM(config).eval()
     model.load_state_dict(base.state_dict())
@@ -185,7 +184,7 @@ def test_uniform_lists_describe_the_stock_model():
 def test_pruned_head_counts_need_not_divide_hidden_size():
     # LlamaConfig rejects hidden_size % num_attention_heads != 0 even with head_dim given; a pruned
     # MHA layer can keep e.g. 3 of 4 heads, which must be accepted here.
-    config = per_layer_config(tiny_model(gqa=False, layers=2).config, [3, 1], [3, 1], [256, 64])
+    config = per_layer_config(with_layer_widths(tiny_model(gqa=False, layers=2).config, [3, 1], [3, 1], [256, 64]))
     assert config.num_attention_heads == 3 and config.head_dim == 64
     assert HywiaLlamaForCausalLM(config).model.layers[1].self_attn.o_proj.in_features == 64
 
@@ -197,11 +196,11 @@ def test_pruned_head_counts_need_not_divide_hidden_size():
 ])
 def test_impossible_widths_are_refused(heads, kv_heads, sizes, message):
     with pytest.raises(ValueError, match=message):
-        per_layer_config(tiny_model(gqa=True, layers=2).config, heads, kv_heads, sizes)
+        per_layer_config(with_layer_widths(tiny_model(gqa=True, layers=2).config, heads, kv_heads, sizes))
 
 
 def test_layer_view_follows_the_model_config():
-    config = per_layer_config(tiny_model(gqa=True, layers=2).config, [4, 2], [2, 1], [512, 64])
+    config = per_layer_config(with_layer_widths(tiny_model(gqa=True, layers=2).config, [4, 2], [2, 1], [512, 64]))
     view = config.layer_config(1)
     assert (view.num_attention_heads, view.num_key_value_heads, view.intermediate_size) == (2, 1, 64)
     assert view.hidden_size == config.hidden_size

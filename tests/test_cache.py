@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from hywia.cache import PACKAGE_DIR, code_digest, content_key
-from hywia.pipeline import PruneOptions, export_key
+from hywia.options import PruneOptions
+from hywia.pipeline import export_key
 
 
 @pytest.fixture
@@ -51,3 +52,23 @@ def test_the_installed_package_is_what_the_key_digests():
 def test_content_key_ignores_field_order():
     assert content_key({"a": 1, "b": [2, 3]}) == content_key({"b": [2, 3], "a": 1})
     assert content_key({"a": 1}) != content_key({"a": 2})
+
+
+def test_a_source_is_hashed_once_per_start(tmp_path, monkeypatch):
+    """Bug 2: resolving a source hashes its weights; prepare_export and loading must reuse that digest
+    (a 7B checkpoint is ~40 GB to read). Counted on a cache miss, the path that also loads the model."""
+    import hywia.models
+    from hywia.models import resolve_source
+    from hywia.pipeline import prepare_export
+    from tests.tiny import save_tiny_model
+
+    source = save_tiny_model(tmp_path / "tiny", gqa=True)
+    digests = []
+    real_digest = hywia.models.content_digest
+    monkeypatch.setattr(hywia.models, "content_digest", lambda directory: digests.append(directory) or
+                        real_digest(directory))
+    resolved = resolve_source(str(source), tmp_path / "cache")
+    export = prepare_export(resolved, PruneOptions(ratio=0.3, importance="magnitude"), cache_dir=tmp_path / "cache",
+                            progress=False)
+    assert not export.cache_hit and export.report["source_digest"] == resolved.digest
+    assert digests == [source]

@@ -14,14 +14,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hywia.allocation import GlobalAllocation, comparable_scores, minimum_kept
+from hywia.budget import Budget, GlobalAllocation, minimum_kept, protected_layers
 from hywia.cli import build_parser, main
+from hywia.commands.serve import prune_options
 from hywia.errors import HywiaError
 from hywia.memory_fit import Workload, footprint, parameter_count
 from hywia.models import load_model
-from hywia.pipeline import PruneOptions, options_from_args, prune_model, prune_to_directory
-from hywia.plan import LayerShape, PruningPlan, protected_layers
+from hywia.importance import CRITERIA
+from hywia.models import resolve_source
+from hywia.options import PruneOptions
+from hywia.pipeline import prune_model, prune_to_directory
+from hywia.plan import PruningPlan
+from hywia.scores import UnitStatistics
 from hywia.surgery import slice_model, zero_removed_units
+from hywia.units import LayerShape
 from tests.conftest import TEST_CACHE
 from tests.tiny import save_tiny_model
 
@@ -138,8 +144,8 @@ def made_up_scores(per_layer_scale: list[float]) -> list[dict[str, torch.Tensor]
 
 
 def test_global_allocation_takes_more_from_less_important_layers():
-    scores = comparable_scores("fine", [SHAPE] * 4, "rank", made_up_scores([10, 1, 10, 10]))
-    keep = GlobalAllocation(scores, [SHAPE] * 4, TOTAL, min_keep=0.25).keep_counts(0.3)
+    scores = CRITERIA["fine"].comparable(None, made_up_scores([10, 1, 10, 10]), [SHAPE] * 4, "rank")
+    keep = GlobalAllocation(scores, Budget((SHAPE,) * 4, TOTAL, min_keep=0.25)).keep_counts(0.3)
     removed = [SHAPE.removed_params(k) for k in keep]
     # The least important layer goes down to its minimum (1 of 4 KV groups, 16 of 64 channels) first.
     assert removed[1] == 3 * 1000 + 48 * 10 == max(removed)
@@ -151,14 +157,14 @@ def test_blends_are_normalised_across_layers_not_within():
     """Normalised within each layer (as hywia.importance does for fixed/hybrid), a layer whose units
     all matter ten times less would look like every other layer; normalised across layers it must not."""
     stats = made_up_scores([10, 1, 10, 10])
-    blend = comparable_scores("fixed", [SHAPE] * 4, "rank", None, fine=stats, coarse=stats)
+    blend = CRITERIA["fixed"].comparable(UnitStatistics(fine=stats, coarse=stats), None, [SHAPE] * 4, "rank")
     assert float(blend[1]["mlp"].mean()) < 0.5 * float(blend[0]["mlp"].mean())
-    keep = GlobalAllocation(blend, [SHAPE] * 4, TOTAL).keep_counts(0.3)
+    keep = GlobalAllocation(blend, Budget((SHAPE,) * 4, TOTAL)).keep_counts(0.3)
     assert SHAPE.removed_params(keep[1]) == max(SHAPE.removed_params(k) for k in keep)
 
 
 def test_global_allocation_refuses_a_ratio_the_minimum_forbids():
-    allocation = GlobalAllocation(made_up_scores([1, 1, 1, 1]), [SHAPE] * 4, TOTAL, protected=[0], min_keep=0.5)
+    allocation = GlobalAllocation(made_up_scores([1, 1, 1, 1]), Budget((SHAPE,) * 4, TOTAL, protected=(0,), min_keep=0.5))
     with pytest.raises(HywiaError, match="keeps at least 0.5"):
         allocation.keep_counts(0.4)
     assert allocation.keep_counts(0.1)[0] == SHAPE.whole  # the protected layer is never ranked
@@ -235,7 +241,7 @@ def test_a_target_no_ratio_meets_is_refused_before_calibration(source, tmp_path)
 ])
 def test_bad_layout_and_target_options_fail_before_loading(fields, message):
     with pytest.raises(HywiaError, match=message):
-        PruneOptions(**fields).validate()
+        PruneOptions(**fields)
 
 
 def test_protecting_every_layer_is_refused():
@@ -262,11 +268,10 @@ def test_serve_takes_the_layout_and_target_flags_from_the_shared_arguments():
     --max-model-len / --max-num-seqs, which are then the workload --target-memory fits."""
     args = build_parser().parse_args(["serve", "--layout", "per-layer", "--protect-layers", "first:4,last:2",
                                       "--target-memory", "1GiB", "--max-model-len", "512", "--max-num-seqs", "4"])
-    fitted = options_from_args(args)
-    fitted.validate()
+    fitted = prune_options(args)
     assert (fitted.layout, fitted.protect_layers, fitted.target_memory) == ("per-layer", "first:4,last:2", "1GiB")
     assert (fitted.max_model_len, fitted.max_seqs) == (512, 4)
-    plain = options_from_args(build_parser().parse_args(["serve", "--max-model-len", "512"]))
+    plain = prune_options(build_parser().parse_args(["serve", "--max-model-len", "512"]))
     assert plain == PruneOptions()  # serving flags alone change nothing about pruning (nor the cache key)
 
 
@@ -299,7 +304,7 @@ SERVER_START_SECONDS = 600
 def per_layer_default_export(test_cache, default_model_dir):
     from hywia.pipeline import prepare_export
 
-    export = prepare_export(None, PER_LAYER_DEFAULT_OPTIONS, cache_dir=test_cache)
+    export = prepare_export(resolve_source(None, test_cache), PER_LAYER_DEFAULT_OPTIONS, cache_dir=test_cache)
     config = json.loads((export.directory / "config.json").read_text())
     assert config["architectures"] == ["HywiaLlamaForCausalLM"]
     assert config["layer_num_key_value_heads"][:4] == [3] * 4 and config["layer_num_key_value_heads"][-2:] == [3] * 2
@@ -318,8 +323,9 @@ def hywia_serve_command(export, port: int) -> tuple[list[str], str]:
     """Our server, given the pruning flags: it must find the same export in the cache, not prune again."""
     from tests.test_server_api import serve_command
 
-    return serve_command(None, port, TEST_CACHE, "--engine", "vllm", *PER_LAYER_SERVE_FLAGS, "--kv-cache-bytes",
-                         "256MiB", "--max-model-len", "512"), "smollm2-135m-instruct-pruned20"
+    return (serve_command(None, port, TEST_CACHE, "--engine", "vllm", *PER_LAYER_SERVE_FLAGS,
+                          "--kv-cache-memory-bytes", "256MiB", "--max-model-len", "512", "--enforce-eager"),
+            "smollm2-135m-instruct-pruned20")
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ from hywia.memory_fit import (
     parameter_count,
     uniform_pruned_config,
 )
+from hywia.plan import pruned_config
 from hywia.sizes import parse_count, parse_size
+from hywia.units import KeepCounts
 
 LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
             "vocab_size": 32000}
@@ -44,9 +46,9 @@ def test_parameter_count_matches_what_transformers_allocates(fields):
 
 def test_per_layer_config_counts_layer_by_layer():
     from hywia.arch import HywiaLlamaForCausalLM, per_layer_config
-    from tests.tiny import tiny_config
+    from tests.tiny import tiny_config, with_layer_widths
 
-    config = per_layer_config(tiny_config(gqa=True, layers=3), [4, 2, 2], [2, 1, 1], [512, 300, 100])
+    config = per_layer_config(with_layer_widths(tiny_config(gqa=True, layers=3), [4, 2, 2], [2, 1, 1], [512, 300, 100]))
     model = HywiaLlamaForCausalLM(config)
     assert parameter_count(config.to_dict()) == sum(p.numel() for p in model.parameters())
     # K and V of 2 + 1 + 1 heads of 64 values, 4 bytes each.
@@ -98,18 +100,15 @@ def test_refuses_when_even_the_maximum_ratio_does_not_fit():
     assert "--max-model-len" in message  # the KV cache is what does not fit, so say how to shrink it
 
 
-def test_a_per_layer_shape_function_is_used_for_the_arithmetic():
-    def first_layer_whole(ratio: float) -> dict:
+def test_a_per_layer_allocator_is_used_for_the_arithmetic():
+    def first_layer_whole(ratio: float) -> list[KeepCounts]:
         rest = uniform_pruned_config(LLAMA_7B, min(0.9, ratio * 1.1))
         n = LLAMA_7B["num_hidden_layers"]
-        return {**LLAMA_7B, "head_dim": 128,
-                "layer_num_attention_heads": [32] + [rest["num_attention_heads"]] * (n - 1),
-                "layer_num_key_value_heads": [32] + [rest["num_key_value_heads"]] * (n - 1),
-                "layer_intermediate_size": [11008] + [rest["intermediate_size"]] * (n - 1)}
+        return [KeepCounts(32, 11008)] + [KeepCounts(rest["num_key_value_heads"], rest["intermediate_size"])] * (n - 1)
 
-    result = choose_ratio(LLAMA_7B, WORKLOAD_7B, target_memory=parse_size("6GiB"), shape_for_ratio=first_layer_whole)
+    result = choose_ratio(LLAMA_7B, WORKLOAD_7B, target_memory=parse_size("6GiB"), allocate=first_layer_whole)
     assert result.chosen.config["layer_num_key_value_heads"][0] == 32
-    assert result.chosen.footprint == footprint(first_layer_whole(result.ratio), WORKLOAD_7B)
+    assert result.chosen.footprint == footprint(pruned_config(LLAMA_7B, first_layer_whole(result.ratio)), WORKLOAD_7B)
     assert result.chosen.footprint.total_bytes <= parse_size("6GiB") < result.previous.footprint.total_bytes
     assert "KV heads (" in result.explanation()  # per-layer widths are described as a range
 
@@ -117,7 +116,7 @@ def test_a_per_layer_shape_function_is_used_for_the_arithmetic():
 def test_uniform_shape_follows_the_plan_rule():
     """The config arithmetic keeps what hywia.plan's uniform layout keeps, so the ratio chosen here is
     the ratio the pruning then applies (compared on a real, smaller, model)."""
-    from hywia.plan import uniform_keep_counts
+    from hywia.budget import uniform_keep_counts
 
     config = {"hidden_size": 576, "num_hidden_layers": 4, "num_attention_heads": 9, "num_key_value_heads": 3,
               "intermediate_size": 1536, "vocab_size": 2048, "head_dim": 64}

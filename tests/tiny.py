@@ -65,3 +65,9 @@ def save_tiny_model(directory: Path, gqa: bool = True, seed: int = 0, **config_o
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def with_layer_widths(config, heads: list[int], kv_heads: list[int], intermediate_sizes: list[int]) -> dict:
+    """CONFIG (a LlamaConfig) as a dict carrying HywiaLlama's per-layer lists, for hywia.arch.per_layer_config."""
+    return {**config.to_dict(), "layer_num_attention_heads": heads, "layer_num_key_value_heads": kv_heads,
+            "layer_intermediate_size": intermediate_sizes}

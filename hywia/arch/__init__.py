@@ -8,7 +8,7 @@ Auto classes, so `AutoModelForCausalLM.from_pretrained(export_dir)` works with n
 
 from __future__ import annotations
 
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from hywia.arch.configuration_hywia_llama import (
     PER_LAYER_FIELDS,
@@ -31,28 +31,24 @@ def register() -> None:
     AutoModelForCausalLM.register(HywiaLlamaConfig, HywiaLlamaForCausalLM, exist_ok=True)
 
 
-def per_layer_config(base_config: LlamaConfig | dict, attention_heads: list[int], kv_heads: list[int],
-                     intermediate_sizes: list[int]) -> HywiaLlamaConfig:
-    """The config of BASE_CONFIG's model with layer i cut to attention_heads[i] query heads,
-    kv_heads[i] KV heads and intermediate_sizes[i] MLP channels.
+def per_layer_config(config: dict) -> HywiaLlamaConfig:
+    """The HywiaLlamaConfig of a config dict that carries the per-layer lists (hywia.plan.pruned_config
+    writes them: entry i is layer i's query heads, KV heads, MLP channels).
 
-    Everything else (hidden size, head_dim, vocabulary, RoPE, token ids, dtype) is copied from the
-    base. Uniform lists are valid too (the result then describes the same model as a LlamaConfig
-    would). Raises ValueError for lists of the wrong length or impossible widths.
+    Everything else (hidden size, head_dim, vocabulary, RoPE, token ids, dtype) is kept; the keys that
+    name the source's class are replaced. Raises ValueError for lists of the wrong length or
+    impossible widths.
     """
-    fields = dict(base_config if isinstance(base_config, dict) else base_config.to_dict())
-    for key in _IDENTITY_KEYS:
-        fields.pop(key, None)
+    fields = {key: value for key, value in config.items() if key not in _IDENTITY_KEYS}
     # head_dim must survive the change of head counts: derive it from the *base* widths if unset.
     if fields.get("head_dim") is None:
         fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
-    lists = {name: [int(v) for v in values]
-             for name, values in zip(PER_LAYER_FIELDS, (attention_heads, kv_heads, intermediate_sizes))}
+    lists = {name: [int(v) for v in fields.pop(name)] for name in PER_LAYER_FIELDS}
     # Checked here too, so that callers get a plain ValueError rather than the strict-dataclass error.
     check_layer_widths(fields["num_hidden_layers"], **lists)
-    config = HywiaLlamaConfig(**fields, **lists)
-    config.architectures = [ARCHITECTURE]
-    return config
+    per_layer = HywiaLlamaConfig(**fields, **lists)
+    per_layer.architectures = [ARCHITECTURE]
+    return per_layer
 
 
 register()

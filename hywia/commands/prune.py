@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hywia.pipeline import add_prune_arguments, options_from_args, prune_to_directory
+from hywia.commands.flags import add_prune_arguments, options_from_args
+from hywia.errors import HywiaError
+from hywia.pipeline import prune_to_directory
 
 
 def add_arguments(parser) -> None:
@@ -15,7 +17,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    result = prune_to_directory(args.source, options_from_args(args), args.out, cache_dir=args.cache_dir,
+    if args.target_memory is None and (args.max_model_len, args.max_seqs) != (None, None):
+        raise HywiaError("--max-model-len and --max-seqs describe the workload that --target-memory fits",
+                         "add --target-memory SIZE, or drop them")
+    options = options_from_args(args, max_model_len=args.max_model_len, max_seqs=args.max_seqs)
+    result = prune_to_directory(args.source, options, args.out, cache_dir=args.cache_dir,
                                 allow_pickle=args.allow_pickle)
     report = result.report
     if report.get("memory_fit"):

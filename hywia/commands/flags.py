@@ -1,0 +1,94 @@
+"""The pruning flags, shared verbatim by `hywia prune` and `hywia serve`, and the PruneOptions they make.
+
+The served workload that --target-memory fits (tokens per sequence, sequences at once) is passed in
+by each verb: `hywia prune` has its own --max-model-len / --max-seqs, `hywia serve` the serving
+flags its engine then runs with.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from hywia.errors import HywiaError
+from hywia.options import ALLOCATIONS, CHOICES, DTYPES, LAYOUTS, NORMALISATIONS, PruneOptions, resolve_calibration
+from hywia.sizes import COUNT_HELP, SIZE_HELP
+
+
+class _RatioAction(argparse.Action):
+    """Stores --ratio and notes that it was given, so that a target given with it is refused (the
+    default stays a float: `hywia serve` compares it with 0)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.ratio_given = True
+
+
+def add_prune_arguments(parser, workload_flags: bool = False) -> None:
+    """The pruning flags. WORKLOAD_FLAGS adds --max-model-len / --max-seqs (for a verb without its own)."""
+    defaults = PruneOptions()
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--ratio", type=float, default=defaults.ratio, action=_RatioAction,
+                       help="fraction of the whole model's parameters to remove, in (0, 0.9] (default %(default)s)")
+    group.add_argument("--importance", choices=CHOICES["importance"], default=defaults.importance,
+                       help="importance criterion (default %(default)s)")
+    group.add_argument("--calibration", default=defaults.calibration,
+                       help="'self' (text the model writes itself) or a text file / directory of .txt files")
+    group.add_argument("--samples", type=int, default=defaults.samples, help="calibration sequences (default %(default)s)")
+    group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="calibration sequence length (default %(default)s)")
+    group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--layout", choices=LAYOUTS, default=defaults.layout,
+                       help="uniform: every layer keeps the same widths (stock LlamaForCausalLM export); per-layer: "
+                            "widths differ by layer (HywiaLlamaForCausalLM export; needs --protect-layers or "
+                            "--allocation global) (default %(default)s)")
+    group.add_argument("--protect-layers", default=None, metavar="first:K,last:M",
+                       help="per-layer: keep these layers whole, the others share the removal "
+                            "(first:4,last:2 is LLM-Pruner's recipe)")
+    group.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
+                       help="per-layer: 'even' (unprotected layers lose alike) or 'global' (units ranked across "
+                            "layers by importance per parameter) (default %(default)s)")
+    group.add_argument("--min-keep", type=float, default=defaults.min_keep,
+                       help="global allocation keeps at least this fraction of every layer's KV groups and MLP "
+                            "channels (default %(default)s)")
+    group.add_argument("--align-heads", type=int, default=None,
+                       help="kept KV groups per layer are a multiple of this (default 1, or the tensor-parallel size)")
+    group.add_argument("--align-mlp", type=int, default=defaults.align_mlp, help="kept MLP channels per layer are a multiple of this")
+    group.add_argument("--normalize", choices=NORMALISATIONS, default=defaults.normalize,
+                       help="how fine and coarse scores are put on one scale before blending (default %(default)s)")
+    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of the exported weights")
+    fit = parser.add_argument_group("fitting a memory or parameter budget (instead of --ratio)")
+    fit.add_argument("--target-memory", default=None, metavar="SIZE",
+                     help="choose the smallest ratio whose weights plus KV cache fit SIZE (" + SIZE_HELP + "); "
+                          "needs the served workload: --max-model-len and --max-seqs"
+                          + ("" if workload_flags else " (here: --max-model-len and --max-num-seqs)"))
+    fit.add_argument("--target-params", default=None, metavar="N",
+                     help="choose the smallest ratio that leaves at most N parameters (" + COUNT_HELP + ")")
+    if workload_flags:
+        fit.add_argument("--max-model-len", type=int, default=None,
+                         help="tokens per sequence counted by --target-memory (default: the model's context length)")
+        fit.add_argument("--max-seqs", type=int, default=None,
+                         help="sequences served at once counted by --target-memory")
+    group.add_argument("--cache-dir", default=None, help="cache directory (default $HYWIA_CACHE_DIR or ~/.cache/hywia)")
+    group.add_argument("--allow-pickle", action="store_true",
+                       help="allow loading pickle (.bin) weights; only for checkpoints you trust")
+
+
+def options_from_args(args, *, max_model_len: int | None = None, max_seqs: int | None = None,
+                      tensor_parallel_size: int = 1) -> PruneOptions:
+    """PruneOptions from `add_prune_arguments` flags. MAX_MODEL_LEN / MAX_SEQS: the served workload,
+    counted only by --target-memory (otherwise they would change the cache key for nothing).
+    TENSOR_PARALLEL_SIZE: the default --align-heads, so that the export shards over that many GPUs."""
+    target = args.target_memory is not None or args.target_params is not None
+    if target and getattr(args, "ratio_given", False):
+        flag = "--target-memory" if args.target_memory is not None else "--target-params"
+        raise HywiaError(f"--ratio and {flag} both set the ratio", f"drop --ratio: {flag} chooses it")
+    fits_memory = args.target_memory is not None
+    return PruneOptions(
+        ratio=PruneOptions.ratio if target else args.ratio, importance=args.importance,
+        calibration=resolve_calibration(args.calibration), samples=args.samples, seq_len=args.seq_len,
+        seed=args.seed, layout=args.layout,
+        align_heads=args.align_heads if args.align_heads is not None else tensor_parallel_size,
+        align_mlp=args.align_mlp, dtype=args.dtype, normalize=args.normalize,
+        protect_layers=args.protect_layers, allocation=args.allocation, min_keep=args.min_keep,
+        target_memory=args.target_memory, target_params=args.target_params,
+        max_model_len=max_model_len if fits_memory else None, max_seqs=max_seqs if fits_memory else None,
+    )

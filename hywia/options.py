@@ -1,0 +1,122 @@
+"""PruneOptions: every choice a pruning run takes, frozen and validated once, when it is made.
+
+Anything that can be checked before a model is loaded is checked in `__post_init__`, so an options
+object that exists is valid: the pipeline, serve and the cache key never validate again, and nothing
+changes an option after construction. A new option is one field below plus, where it has a fixed set
+of values, one line in `CHOICES` (or a check in `_check_combinations`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from hywia.budget import parse_protected_layers, validate_ratio
+from hywia.errors import HywiaError
+from hywia.importance import CRITERIA
+from hywia.sizes import parse_count, parse_size
+
+LAYOUTS = ("uniform", "per-layer")
+ALLOCATIONS = ("even", "global")  # even: the unprotected layers share the removal alike
+NORMALISATIONS = ("rank", "mean")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    ratio: float = 0.2  # ignored (and must stay at its default) when a target chooses the ratio
+    importance: str = "hybrid"
+    calibration: str = "self"  # 'self' or an absolute path (resolve_calibration makes one)
+    samples: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    layout: str = "uniform"
+    align_heads: int = 1
+    align_mlp: int = 1
+    dtype: str = "float32"
+    normalize: str = "rank"
+    # --layout per-layer: layers kept whole ("first:K,last:M"), and how the others share the removal.
+    protect_layers: str | None = None
+    allocation: str = "even"
+    min_keep: float = 0.1  # global allocation: fraction of each layer's units of each kind kept at least
+    # --target-memory SIZE / --target-params N: the smallest ratio that fits (hywia.memory_fit), for the
+    # workload the model is served with (None: the model's context length, one sequence).
+    target_memory: str | None = None
+    target_params: str | None = None
+    max_model_len: int | None = None
+    max_seqs: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_ratio(self.ratio)
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                flag = "--" + name.replace("_", "-")
+                raise HywiaError(f"{flag} {value!r} is not one of {', '.join(allowed)}",
+                                 f"choose one of: {', '.join(allowed)}")
+        self._check_calibration()
+        self._check_layout()
+        self._check_target()
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_memory is not None or self.target_params is not None
+
+    def _check_calibration(self) -> None:
+        if self.calibration == "self":
+            return
+        path = Path(self.calibration)
+        if not path.exists():
+            raise HywiaError(f"--calibration {self.calibration} does not exist",
+                             "pass a text file, a directory of .txt files, or 'self'")
+        if not path.is_absolute():  # the statistics and export caches key on this string
+            raise HywiaError(f"calibration path {self.calibration!r} is relative",
+                             "pass hywia.options.resolve_calibration(path) (the CLI does)")
+
+    def _check_layout(self) -> None:
+        if self.layout == "uniform":
+            if self.protect_layers or self.allocation != "even":
+                given = "--protect-layers" if self.protect_layers else f"--allocation {self.allocation}"
+                raise HywiaError(f"{given} gives layers different widths, which the uniform layout cannot",
+                                 "add --layout per-layer")
+            return
+        if not self.protect_layers and self.allocation == "even":
+            raise HywiaError("--layout per-layer needs --protect-layers first:K,last:M or --allocation global "
+                             "(otherwise every layer keeps the same and the layout is uniform)",
+                             "e.g. --protect-layers first:4,last:2 (LLM-Pruner's recipe)")
+        if self.protect_layers:
+            parse_protected_layers(self.protect_layers)
+        if not 0 <= self.min_keep < 1 or math.isnan(self.min_keep):
+            raise HywiaError(f"--min-keep {self.min_keep} is outside [0, 1)",
+                             "give the fraction of each layer's units global allocation must keep, e.g. 0.1")
+
+    def _check_target(self) -> None:
+        for flag, value in (("--max-model-len", self.max_model_len), ("--max-seqs", self.max_seqs)):
+            if value is not None and value < 1:
+                raise HywiaError(f"{flag} {value} must be at least 1")
+        if not self.has_target:
+            return
+        if self.target_memory is not None and self.target_params is not None:
+            raise HywiaError("--target-memory and --target-params both choose the ratio", "give one of them")
+        if self.ratio != PruneOptions.ratio:
+            raise HywiaError("--ratio and a target (--target-memory / --target-params) both set the ratio",
+                             "drop --ratio: the target chooses it")
+        if self.target_memory is not None:
+            parse_size(self.target_memory)
+            if self.max_seqs is None:
+                raise HywiaError("--target-memory counts the KV cache of the sequences served at once, "
+                                 "so it needs their number",
+                                 "give --max-seqs N (hywia prune) or --max-num-seqs N (hywia serve)")
+        else:
+            parse_count(self.target_params)
+
+
+# Fields with a fixed set of values (the CLI offers the same lists as choices).
+CHOICES = {"importance": tuple(CRITERIA), "layout": LAYOUTS, "allocation": ALLOCATIONS,
+           "normalize": NORMALISATIONS, "dtype": DTYPES}
+
+
+def resolve_calibration(calibration: str) -> str:
+    """'self' as it is, else the absolute form of a user's path (what PruneOptions takes)."""
+    return calibration if calibration == "self" else str(Path(calibration).expanduser().resolve())

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def statistics_key(source_digest: str, calibration: str, samples: int, seq_len: int, seed: int) -> str:
-    return content_key(dict(source=source_digest, calibration=calibration, samples=samples, seq_len=seq_len,
-                            seed=seed, code=code_digest()))
+    return content_key({"source": source_digest, "calibration": calibration, "samples": samples,
+                        "seq_len": seq_len, "seed": seed, "code": code_digest()})
 
 
 def calibration_statistics(model, tokenizer, source_digest: str, calibration: str, samples: int, seq_len: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hywia.plan import PruningPlan, pruned_config
-from hywia.units import ATTENTION, MLP, UNIT_KINDS, decoder_layers, unit_count, unit_members
+from hywia.units import UNIT_KINDS, decoder_layers, unit_count, unit_members
 
 
 def _block_indices(kept_units: list[int], block: int) -> torch.Tensor:

@@ -159,7 +159,7 @@ def test_import_hywia_lets_transformers_load_a_per_layer_export(export, transfor
                "from transformers import AutoModelForCausalLM")
     script = (f"{imports}; model = AutoModelForCausalLM.from_pretrained({str(directory)!r}); "
               "print(type(model).__name__, [l.mlp.down_proj.in_features for l in model.model.layers])")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "HywiaLlamaForCausalLM [512, 300, 100]"
 

@@ -18,10 +18,9 @@ from hywia.budget import Budget, GlobalAllocation, minimum_kept, protected_layer
 from hywia.cli import build_parser, main
 from hywia.commands.serve import prune_options
 from hywia.errors import HywiaError
-from hywia.memory_fit import Workload, footprint, parameter_count
-from hywia.models import load_model
 from hywia.importance import CRITERIA
-from hywia.models import resolve_source
+from hywia.memory_fit import Workload, footprint, parameter_count
+from hywia.models import load_model, resolve_source
 from hywia.options import PruneOptions
 from hywia.pipeline import prune_model, prune_to_directory
 from hywia.plan import PruningPlan

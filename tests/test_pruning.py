@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hywia.budget import uniform_keep_counts
 from hywia.errors import HywiaError
 from hywia.export import check_output_dir
-from hywia.budget import uniform_keep_counts
 from hywia.fusion import FusionConfig, fixed_alpha, soft_masked_loss, train_fusion
 from hywia.importance import CRITERIA
 from hywia.models import load_model

@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 
 from hywia.errors import HywiaError
-from hywia.options import ALLOCATIONS, CHOICES, DTYPES, LAYOUTS, NORMALISATIONS, PruneOptions, resolve_calibration
+from hywia.options import (
+    ALLOCATIONS,
+    CHOICES,
+    DTYPES,
+    LAYOUTS,
+    NORMALISATIONS,
+    PruneOptions,
+    resolve_calibration,
+)
 from hywia.sizes import COUNT_HELP, SIZE_HELP
 
 

@@ -1,4 +1,9 @@
-"""Prometheus metrics: the `hywia_*` series, each labelled with the served model id.
+"""Prometheus metrics: the `hywia_*` series, labelled `model_name` (the served model id) as vLLM's are.
+
+The request histograms and token counters are measured at this server's API, for every served model
+and engine; vLLM's `vllm:*` series describe one vLLM engine (the pruned model's with --serve-dense)
+and are absent on the torch engine. The server's own memory is prometheus_client's
+`process_resident_memory_bytes`; only what it cannot see (child processes, accelerators) is ours.
 
 They live in a registry of their own (so that apps built in one process, as tests do, never
 collide); `/metrics` renders it followed by prometheus_client's default registry, which holds the
@@ -30,7 +35,7 @@ UNKNOWN_MODEL = "unknown"  # label for requests that never named a served model
 class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
-        model = ["model"]
+        model = ["model_name"]
         self.request_latency = Histogram(
             "hywia_request_latency_seconds", "Time from request arrival to its last token.", model,
             buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -47,17 +52,17 @@ class ServerMetrics:
             "hywia_generation_tokens", "Tokens generated.", model, registry=self.registry)
         self.requests = Counter(
             "hywia_requests", "Completion requests by HTTP status (499: the client went away).",
-            ["model", "status"], registry=self.registry)
+            ["model_name", "status"], registry=self.registry)
         self.in_flight = Gauge(
             "hywia_requests_in_flight", "Completion requests being generated now.", model,
             registry=self.registry)
         self.parameters = Gauge(
             "hywia_model_parameters",
             "Parameters of the served checkpoint and of the unpruned checkpoint it came from.",
-            ["model", "checkpoint"], registry=self.registry)
+            ["model_name", "checkpoint"], registry=self.registry)
         self.weight_bytes = Gauge(
             "hywia_model_weight_bytes", "Bytes of weights of the served and the unpruned checkpoint.",
-            ["model", "checkpoint"], registry=self.registry)
+            ["model_name", "checkpoint"], registry=self.registry)
         self.pruning_seconds = Gauge(
             "hywia_pruning_seconds",
             "Seconds this start spent pruning and exporting (0 when the export came from the cache).",
@@ -93,30 +98,28 @@ class _EngineCollector:
         return []
 
     def collect(self):
-        resident = GaugeMetricFamily(
-            "hywia_resident_memory_bytes",
-            "Resident memory of the server process and, summed, of its child processes.",
-            labels=["process"])
-        me = psutil.Process(os.getpid())
-        resident.add_metric(["server"], me.memory_info().rss)
-        children = 0
-        for child in me.children(recursive=True):
+        children = GaugeMetricFamily(
+            "hywia_child_processes_resident_memory_bytes",
+            "Resident memory of the server's child processes (vLLM's engine core and workers), summed; "
+            "the server's own is process_resident_memory_bytes.")
+        total = 0
+        for child in psutil.Process(os.getpid()).children(recursive=True):
             try:
-                children += child.memory_info().rss
+                total += child.memory_info().rss
             except psutil.Error:  # a child that exited between listing and reading
                 pass
-        resident.add_metric(["children"], children)
-        yield resident
+        children.add_metric([], total)
+        yield children
 
         allocated = GaugeMetricFamily(
             "hywia_accelerator_memory_allocated_bytes", "Accelerator memory held by tensors, per model.",
-            labels=["model"])
+            labels=["model_name"])
         reserved = GaugeMetricFamily(
             "hywia_accelerator_memory_reserved_bytes", "Accelerator memory reserved by the allocator.",
-            labels=["model"])
+            labels=["model_name"])
         kv_cache = GaugeMetricFamily(
             "hywia_kv_cache_bytes", "Memory set aside for the KV cache, per model (where configured).",
-            labels=["model"])
+            labels=["model_name"])
         for model_id, engine in self._engines():
             memory = engine.memory()
             if memory.accelerator_allocated is not None:
@@ -131,7 +134,7 @@ class _EngineCollector:
         running = GaugeMetricFamily(
             "hywia_engine_running_requests",
             "Sequences the engine is generating or has queued (aborted ones leave at once).",
-            labels=["model"])
+            labels=["model_name"])
         for model_id, engine in self._engines():
             running.add_metric([model_id], engine.running_requests())
         yield running

@@ -27,8 +27,6 @@ from server.state import Phase, ServerState
 
 log = logging.getLogger(__name__)
 
-# Two vLLM engines on one GPU (pruned and dense): each may take this share of its memory.
-_SHARED_GPU_MEMORY_SHARE = 0.45
 # Loading a checkpoint needs its weights plus working room (tokenizer, activations, allocator slack).
 _LOAD_HEADROOM = 1.2
 
@@ -44,9 +42,11 @@ class ServeConfig:
     engine: str = "auto"
     engine_settings: EngineSettings = field(default_factory=EngineSettings)
     serve_dense: bool = False
-    model_name: str | None = None  # id of the served (pruned) model; derived from the source if None
+    served_model_name: str | None = None  # id of the served (pruned) model; derived from the source if None
     cache_dir: str | None = None
     allow_pickle: bool = False
+    device: str = "auto"  # where pruning runs (hywia.devices.resolve_device)
+    chat_template: str | None = None  # --chat-template's text: overrides the served tokenizers' own
 
     @property
     def prunes(self) -> bool:
@@ -90,13 +90,13 @@ async def _start(config: ServeConfig, state: ServerState) -> None:
     source_size = await asyncio.to_thread(checkpoint_size, resolved.directory)
 
     served_directory, report, cache_hit = resolved.directory, None, None
-    model_id = config.model_name or base_name
+    model_id = config.served_model_name or base_name
     if config.prunes:
-        export = await _prune_or_load(config, state, resolved.source)
+        export = await _prune_or_load(config, state, resolved)
         served_directory, report, cache_hit = export.directory, export.report, export.cache_hit
         # With --target-memory/--target-params the pipeline chooses the ratio; the report says which.
         ratio = export.report.get("ratio_requested", config.prune.ratio)
-        model_id = config.model_name or f"{base_name}-pruned{round(ratio * 100)}"
+        model_id = config.served_model_name or f"{base_name}-pruned{round(ratio * 100)}"
         metrics_counter = state.metrics.cache_hits if export.cache_hit else state.metrics.cache_misses
         metrics_counter.labels(model_id).inc()
         state.metrics.pruning_seconds.labels(model_id).set(0.0 if export.cache_hit else export.seconds)
@@ -105,24 +105,23 @@ async def _start(config: ServeConfig, state: ServerState) -> None:
 
     kind = resolve_engine_kind(config.engine)
     two_models = config.serve_dense and config.prunes
-    share = _SHARED_GPU_MEMORY_SHARE if two_models else None
+    settings = dataclasses.replace(config.engine_settings, engines_per_device=2 if two_models else 1)
     with _phase(state, Phase.STARTING_ENGINE, "start engines"):
-        await _serve(state, kind, config.engine_settings, model_id, served_directory, source_size, report,
-                     cache_hit, share)
+        await _serve(state, kind, settings, model_id, served_directory, source_size, report, cache_hit,
+                     config.chat_template)
         if two_models:
             if model_id == base_name:
-                raise HywiaError(f"--model-name {model_id!r} is also the dense model's id",
-                                 "choose another --model-name")
-            _check_dense_fits(kind, source_size, config.engine_settings)
+                raise HywiaError(f"--served-model-name {model_id!r} is also the dense model's id",
+                                 "choose another --served-model-name")
+            _check_dense_fits(kind, source_size, settings)
             # vLLM's stat logger replaces every vllm:* series in the process registry when an engine
             # starts; the dense engine publishes none, so those series keep describing the pruned one.
-            dense_settings = dataclasses.replace(
-                config.engine_settings, extra={**config.engine_settings.extra, "publish_engine_metrics": False})
-            await _serve(state, kind, dense_settings, base_name, resolved.directory, source_size,
-                         None, None, share)
+            dense_settings = dataclasses.replace(settings, publish_engine_metrics=False)
+            await _serve(state, kind, dense_settings, base_name, resolved.directory, source_size, None, None,
+                         config.chat_template)
 
 
-async def _prune_or_load(config: ServeConfig, state: ServerState, source: str):
+async def _prune_or_load(config: ServeConfig, state: ServerState, resolved):
     from hywia.pipeline import prepare_export
 
     def on_phase(name: str) -> None:  # called from the pruning thread; a plain assignment is safe
@@ -131,8 +130,8 @@ async def _prune_or_load(config: ServeConfig, state: ServerState, source: str):
 
     # /health says "loading" while the cache is looked up, and "pruning" only once pruning begins.
     with _phase(state, Phase.LOADING, "export (cache lookup, pruning if missing)"):
-        export = await asyncio.to_thread(prepare_export, source, config.prune, config.cache_dir,
-                                         config.allow_pickle, on_phase)
+        export = await asyncio.to_thread(prepare_export, resolved, config.prune, config.cache_dir,
+                                         config.allow_pickle, on_phase, device=config.device)
     if export.cache_hit:
         log.info("pruned export: cache hit at %s (no pruning)", export.directory)
     else:
@@ -142,12 +141,14 @@ async def _prune_or_load(config: ServeConfig, state: ServerState, source: str):
 
 async def _serve(state: ServerState, kind: str, settings: EngineSettings, model_id: str, directory: Path,
                  unpruned: CheckpointSize, report: dict | None, cache_hit: bool | None,
-                 gpu_memory_share: float | None) -> None:
+                 chat_template: str | None = None) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, directory)
+    if chat_template is not None:  # as `vllm serve --chat-template`: the server renders chats with it
+        tokenizer.chat_template = chat_template
     size = await asyncio.to_thread(checkpoint_size, directory)
-    engine = await start_engine(kind, directory, settings, model_id, gpu_memory_share)
+    engine = await start_engine(kind, directory, settings, model_id)
     state.registry.add(ServedModel(model_id=model_id, directory=directory, engine=engine, tokenizer=tokenizer,
                                    created=int(time.time()), size=size, unpruned_size=unpruned, report=report,
                                    cache_hit=cache_hit))
@@ -169,7 +170,7 @@ def _check_dense_fits(kind: str, dense: CheckpointSize, settings: EngineSettings
 
     if torch.cuda.is_available():
         return
-    kv_cache = (settings.kv_cache_bytes or 0) if kind == "vllm" else 0
+    kv_cache = (settings.kv_cache_memory_bytes or 0) if kind == "vllm" else 0
     needed = dense.weight_bytes * _LOAD_HEADROOM + kv_cache
     available = psutil.virtual_memory().available
     if needed > available:
@@ -177,7 +178,7 @@ def _check_dense_fits(kind: str, dense: CheckpointSize, settings: EngineSettings
             f"--serve-dense: the dense model needs about {needed / 2**30:.1f} GiB but only "
             f"{available / 2**30:.1f} GiB of memory is free beside the pruned one",
             "drop --serve-dense (serve the dense model from a second server on another machine), or "
-            "pass a smaller --kv-cache-bytes",
+            "pass a smaller --kv-cache-memory-bytes",
         )
 
 

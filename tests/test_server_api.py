@@ -92,8 +92,8 @@ def served(request, tmp_path_factory) -> Served:
         calibration = request.getfixturevalue("data_dir") / "calibration" / "gutenberg"
         command = serve_command(None, port, TEST_CACHE, "--engine", "vllm", "--ratio", "0.2",
                                 "--importance", "fixed", "--calibration", str(calibration), "--samples", "8",
-                                "--seq-len", "64", "--kv-cache-bytes", "256MiB", "--max-model-len", "512",
-                                "--serve-dense")
+                                "--seq-len", "64", "--kv-cache-memory-bytes", "256MiB", "--max-model-len", "512",
+                                "--serve-dense", "--enforce-eager")
         model, dense_model, timeout = "smollm2-135m-instruct-pruned20", "smollm2-135m-instruct", 1500
     process = start(command, port, work / "server.log", timeout)
     try:
@@ -240,6 +240,88 @@ def test_the_dense_model_is_served_under_its_own_id(served):
     assert response.model == served.dense_model and response.usage.completion_tokens == 3
 
 
+# ------------------------------------------------------------------------------------ vLLM's extensions
+# The vLLM engine honours them; the torch engine refuses each with a 400 that names the field.
+
+EXTENSION_FIELDS = {"logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3,
+                    "min_tokens": 2}
+
+
+def _refused_by_torch(served: Served, path: str, body: dict, field: str) -> None:
+    response = _post(served, path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("unsupported_by_engine", field)
+    assert "--engine vllm" in error["message"]
+
+
+@pytest.mark.parametrize("field", list(EXTENSION_FIELDS))
+def test_extensions_are_honoured_by_vllm_and_refused_by_torch(served, field):
+    body = _text(served.model, max_tokens=4, temperature=0, **{field: EXTENSION_FIELDS[field]})
+    if served.engine == "torch":
+        _refused_by_torch(served, TEXT, body, field)
+        return
+    response = _post(served, TEXT, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 2
+
+
+def test_repetition_penalty_changes_a_greedy_answer_on_vllm(served):
+    if served.engine == "torch":
+        return _refused_by_torch(served, TEXT, _text(served.model, repetition_penalty=2.0), "repetition_penalty")
+    prompt = "List the days of the week: Monday, Tuesday, Monday, Tuesday, Monday, Tuesday,"
+    plain = greedy_completion(served, prompt, max_tokens=16).choices[0].text
+    penalised = greedy_completion(served, prompt, max_tokens=16, extra_body={"repetition_penalty": 2.0}).choices[0].text
+    assert penalised != plain
+
+
+def test_chat_logprobs_describe_each_greedy_token(served):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    if served.engine == "torch":
+        return _refused_by_torch(served, CHAT, _chat(served.model, messages=messages, logprobs=True), "logprobs")
+    client = served.client()
+    response = client.chat.completions.create(model=served.model, messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens  # an end-of-sequence token counts, as in vLLM
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        # Greedy: the chosen token is the most likely one, and the alternatives come best first.
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert entry.bytes == list(entry.token.encode())
+    # The tokens spell the answer (followed by the end-of-sequence token when the answer stopped).
+    spelled, answer = "".join(entry.token for entry in content), response.choices[0].message.content
+    assert spelled == answer or (response.choices[0].finish_reason == "stop" and spelled.startswith(answer))
+    streamed = list(client.chat.completions.create(model=served.model, messages=messages, max_tokens=6,
+                                                   temperature=0, logprobs=True, stream=True))
+    tokens = [entry.token for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for entry in chunk.choices[0].logprobs.content]
+    assert tokens == [entry.token for entry in content]
+
+
+def test_completion_echo_returns_the_prompt_and_its_logprobs(served):
+    prompt = "The capital of France is"
+    prompt_tokens = len(served.tokenizer(prompt).input_ids)
+    echoed = greedy_completion(served, prompt, max_tokens=3, echo=True)  # echo alone: any engine
+    plain = greedy_completion(served, prompt, max_tokens=3)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    if served.engine == "torch":
+        return _refused_by_torch(served, TEXT, _text(served.model, echo=True, logprobs=1), "logprobs")
+    # What lm-eval's local-completions sends to score a continuation.
+    response = greedy_completion(served, prompt, max_tokens=1, echo=True, logprobs=1)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == prompt_tokens + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(value <= 0 for value in logprobs.token_logprobs[1:])
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    # The generated token's logprob is the same whether or not the prompt is echoed.
+    alone = greedy_completion(served, prompt, max_tokens=1, logprobs=1).choices[0].logprobs
+    assert alone.token_logprobs[0] == pytest.approx(logprobs.token_logprobs[-1], abs=1e-4)
+    assert alone.tokens == logprobs.tokens[-1:]
+
+
 # ------------------------------------------------------------------------------------ errors
 
 
@@ -318,7 +400,12 @@ BAD_REQUESTS = {
     "five stop strings": BadRequest(TEXT, lambda m: _text(m, stop=["a", "b", "c", "d", "e"])),
     "stop a number": BadRequest(TEXT, lambda m: _text(m, stop=7)),
     # features this server does not have
-    "logprobs": BadRequest(TEXT, lambda m: _text(m, logprobs=2)),
+    "logit_bias": BadRequest(TEXT, lambda m: _text(m, logit_bias={"50": 10})),
+    "logprobs above 20": BadRequest(TEXT, lambda m: _text(m, logprobs=21)),
+    "top_logprobs without logprobs": BadRequest(CHAT, lambda m: _chat(m, top_logprobs=2)),
+    "min_tokens above max_tokens": BadRequest(TEXT, lambda m: _text(m, min_tokens=3)),
+    "zero repetition_penalty": BadRequest(TEXT, lambda m: _text(m, repetition_penalty=0)),
+    "presence_penalty above 2": BadRequest(TEXT, lambda m: _text(m, presence_penalty=2.5)),
     "tools": BadRequest(CHAT, lambda m: _chat(m, tools=[{"type": "function", "function": {"name": "f"}}])),
     "json response format": BadRequest(CHAT, lambda m: _chat(m, response_format={"type": "json_object"})),
     # routes
@@ -379,13 +466,13 @@ def test_metrics_move_by_exactly_n_requests(served):
     def moved(name, **labels):
         return after.value(name, **labels) - before.value(name, **labels)
 
-    assert moved("hywia_requests_total", model=model, status="200") == 3
-    assert moved("hywia_prompt_tokens_total", model=model) == sum(r.usage.prompt_tokens for r in responses)
-    assert moved("hywia_generation_tokens_total", model=model) == sum(r.usage.completion_tokens for r in responses)
+    assert moved("hywia_requests_total", model_name=model, status="200") == 3
+    assert moved("hywia_prompt_tokens_total", model_name=model) == sum(r.usage.prompt_tokens for r in responses)
+    assert moved("hywia_generation_tokens_total", model_name=model) == sum(r.usage.completion_tokens for r in responses)
     for histogram in ("hywia_request_latency_seconds", "hywia_time_to_first_token_seconds",
                       "hywia_time_per_output_token_seconds"):
-        assert moved(f"{histogram}_count", model=model) == 3, histogram
-    assert after.value("hywia_requests_in_flight", model=model) == 0
+        assert moved(f"{histogram}_count", model_name=model) == 3, histogram
+    assert after.value("hywia_requests_in_flight", model_name=model) == 0
 
 
 def test_refused_requests_are_counted_by_status(served):
@@ -401,12 +488,14 @@ def test_metrics_describe_memory_and_size_of_each_model(served):
     samples = served.metrics()
     for model in (served.model, served.dense_model):
         for checkpoint in ("served", "unpruned"):
-            assert samples.value("hywia_model_parameters", model=model, checkpoint=checkpoint) > 0
-            assert samples.value("hywia_model_weight_bytes", model=model, checkpoint=checkpoint) > 0
-    assert (samples.value("hywia_model_parameters", model=served.model, checkpoint="served")
-            < samples.value("hywia_model_parameters", model=served.model, checkpoint="unpruned"))
-    assert samples.value("hywia_resident_memory_bytes", process="server") > 0
-    assert ("hywia_engine_running_requests", frozenset({("model", served.model)})) in samples
+            assert samples.value("hywia_model_parameters", model_name=model, checkpoint=checkpoint) > 0
+            assert samples.value("hywia_model_weight_bytes", model_name=model, checkpoint=checkpoint) > 0
+    assert (samples.value("hywia_model_parameters", model_name=served.model, checkpoint="served")
+            < samples.value("hywia_model_parameters", model_name=served.model, checkpoint="unpruned"))
+    assert samples.value("process_resident_memory_bytes") > 0  # prometheus_client's: not duplicated by ours
+    assert not [name for name in samples.names() if name.startswith("hywia_resident")]
+    assert ("hywia_child_processes_resident_memory_bytes", frozenset()) in samples
+    assert ("hywia_engine_running_requests", frozenset({("model_name", served.model)})) in samples
 
 
 def test_clients_that_disconnect_abort_their_generations(served):
@@ -431,15 +520,15 @@ def test_clients_that_disconnect_abort_their_generations(served):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         samples = served.metrics()
-        if (samples.value("hywia_requests_in_flight", model=served.model) == 0
-                and samples.value("hywia_engine_running_requests", model=served.model) == 0):
+        if (samples.value("hywia_requests_in_flight", model_name=served.model) == 0
+                and samples.value("hywia_engine_running_requests", model_name=served.model) == 0):
             break
         time.sleep(0.2)
     else:
         pytest.fail("aborted requests were still running 60 s after their clients left")
 
     def moved(name, **labels):
-        return samples.value(name, model=served.model, **labels) - before.value(name, model=served.model, **labels)
+        return samples.value(name, model_name=served.model, **labels) - before.value(name, model_name=served.model, **labels)
 
     assert moved("hywia_requests_total", status="499") == clients
     assert moved("hywia_requests_total", status="200") == 0
@@ -545,4 +634,4 @@ def test_fuzzed_requests_never_get_a_server_error(served):
 
     with client:
         check()
-    assert served.metrics().value("hywia_requests_in_flight", model=served.model) == 0
+    assert served.metrics().value("hywia_requests_in_flight", model_name=served.model) == 0

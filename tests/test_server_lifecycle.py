@@ -58,14 +58,14 @@ def test_a_restart_reuses_the_export_and_a_corrupted_one_is_rebuilt(tiny_source,
     first, first_metrics, _, _ = _start_and_inspect(tiny_source, shared_cache, tmp_path / "first.log")
     model = first["model"]
     assert first["cache_hit"] is False
-    assert first_metrics.value("hywia_cache_misses_total", model=model) == 1
-    assert first_metrics.value("hywia_pruning_seconds", model=model) > 0
+    assert first_metrics.value("hywia_cache_misses_total", model_name=model) == 1
+    assert first_metrics.value("hywia_pruning_seconds", model_name=model) > 0
 
     second, second_metrics, phases, _ = _start_and_inspect(tiny_source, shared_cache, tmp_path / "second.log")
     assert second["cache_hit"] is True and "pruning" not in phases
-    assert second_metrics.value("hywia_cache_hits_total", model=model) == 1
-    assert second_metrics.value("hywia_cache_misses_total", model=model) == 0
-    assert second_metrics.value("hywia_pruning_seconds", model=model) == 0
+    assert second_metrics.value("hywia_cache_hits_total", model_name=model) == 1
+    assert second_metrics.value("hywia_cache_misses_total", model_name=model) == 0
+    assert second_metrics.value("hywia_pruning_seconds", model_name=model) == 0
     assert second["report"] == first["report"]  # the very export the first start wrote
 
     weights = os.path.join(second["directory"], "model.safetensors")
@@ -76,7 +76,7 @@ def test_a_restart_reuses_the_export_and_a_corrupted_one_is_rebuilt(tiny_source,
         handle.write(bytes(b ^ 0xFF for b in chunk))
     third, third_metrics, _, process = _start_and_inspect(tiny_source, shared_cache, tmp_path / "third.log")
     assert third["cache_hit"] is False
-    assert third_metrics.value("hywia_cache_misses_total", model=model) == 1
+    assert third_metrics.value("hywia_cache_misses_total", model_name=model) == 1
     assert "does not match its checksum" in process.log_tail(100_000)
     assert any(".rejected-" in name for name in _exports(shared_cache))  # kept for inspection, not deleted
 

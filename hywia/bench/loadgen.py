@@ -4,7 +4,7 @@ Streams `/v1/completions` with a fixed prompt and a fixed output length (`ignore
 this server and vLLM accept), `concurrency` requests at a time, and measures per request the time
 to first token (TTFT) and time per output token after it (TPOT), and overall the output tokens per
 second. Memory is sampled while the load runs: the resident memory of a process tree given by pid,
-or else the server's own `hywia_resident_memory_bytes`.
+or else what the server's /metrics says (its own and its child processes' resident memory).
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ class _MemoryProbe:
             samples = scrape(self._target.base_url, self._target.api_key)
         except OSError:
             return None
-        total = samples.total("hywia_resident_memory_bytes")
+        total = samples.total("process_resident_memory_bytes") + samples.total(
+            "hywia_child_processes_resident_memory_bytes")
         return int(total) if total else None
 
 

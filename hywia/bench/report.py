@@ -3,6 +3,7 @@ benchmarks/latency.py leave under benchmarks/results/)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -55,32 +56,41 @@ def write_results(results: list[LoadResult], out_prefix: Path, heading: str, pre
     return paths
 
 
-def plot(results: list[LoadResult], path: Path, heading: str) -> None:
+@contextlib.contextmanager
+def panel_figure(panels: int, path: Path, heading: str, height: float = 4):
+    """A row of PANELS axes to draw on; on leaving, the legend of the first, the heading, and a PNG at PATH."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
+    figure, axes = plt.subplots(1, panels, figsize=(5 * panels, height))
+    try:
+        yield axes
+        axes[0].legend(fontsize="small")
+        figure.suptitle(heading)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
+
+
+def plot(results: list[LoadResult], path: Path, heading: str) -> None:
     targets = list(dict.fromkeys(r.target for r in results))
     levels = sorted({r.concurrency for r in results})
     panels = (("ttft_p50", "TTFT p50 (s)", 1), ("tpot_p50", "TPOT p50 (ms)", 1000),
               ("output_tokens_per_second", "output tokens/s", 1))
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     width = 0.8 / max(1, len(targets))
-    for axis, (field, title, scale) in zip(axes, panels):
-        for offset, target in enumerate(targets):
-            values = [next((getattr(r, field) * scale for r in results
-                            if r.target == target and r.concurrency == level), 0.0) for level in levels]
-            positions = [i + offset * width for i in range(len(levels))]
-            axis.bar(positions, values, width, label=target)
-        axis.set_xticks([i + width * (len(targets) - 1) / 2 for i in range(len(levels))])
-        axis.set_xticklabels([f"concurrency {level}" for level in levels])
-        axis.set_title(title)
-    axes[0].legend(fontsize="small")
-    figure.suptitle(heading)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    with panel_figure(len(panels), path, heading) as axes:
+        for axis, (field, title, scale) in zip(axes, panels):
+            for offset, target in enumerate(targets):
+                values = [next((getattr(r, field) * scale for r in results
+                                if r.target == target and r.concurrency == level), 0.0) for level in levels]
+                positions = [i + offset * width for i in range(len(levels))]
+                axis.bar(positions, values, width, label=target)
+            axis.set_xticks([i + width * (len(targets) - 1) / 2 for i in range(len(levels))])
+            axis.set_xticklabels([f"concurrency {level}" for level in levels])
+            axis.set_title(title)
 
 
 def speedup_note(results: list[LoadResult], pruned: str, dense: str, weight_bytes_ratio: float) -> str:

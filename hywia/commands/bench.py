@@ -5,7 +5,7 @@
                         --speedup pruned:dense --out benchmarks/results/latency
 
 Each target is LABEL=URL,MODEL[,PID]; with a PID the memory column is that process tree's peak RSS,
-otherwise the server's own `hywia_resident_memory_bytes`. Targets are measured one after the other,
+otherwise the server's own resident memory and its children's, from its /metrics. Targets are measured one after the other,
 at each concurrency level, with a fixed prompt and a fixed output length. Writes OUT.md (table, the
 command, the date), OUT.json and OUT.png.
 """

@@ -23,13 +23,12 @@ def resolve_engine_kind(requested: str) -> str:
     return requested
 
 
-async def start_engine(kind: str, directory: Path, settings: EngineSettings, model_id: str,
-                       gpu_memory_share: float | None = None) -> Engine:
+async def start_engine(kind: str, directory: Path, settings: EngineSettings, model_id: str) -> Engine:
     """Load DIRECTORY into an engine of KIND without blocking the event loop."""
     if kind == "vllm":
         from server.engines.vllm_engine import VllmEngine
 
-        return await asyncio.to_thread(VllmEngine.load, directory, settings, model_id, gpu_memory_share)
+        return await asyncio.to_thread(VllmEngine.load, directory, settings, model_id)
     from server.engines.torch_engine import TorchEngine
 
     return await asyncio.to_thread(TorchEngine.load, directory, settings)

@@ -34,6 +34,7 @@ from server.engines.text_stream import TextStream
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_SECONDS = 0.1  # how often an idle worker checks whether it should stop
+DEFAULT_MAX_NUM_SEQS = 16  # sequences decoded at once unless --max-num-seqs says otherwise
 
 
 class EngineFailure(RuntimeError):
@@ -106,9 +107,10 @@ class TorchEngine(Engine):
         tokenizer = AutoTokenizer.from_pretrained(directory)
         context = getattr(model.config, "max_position_embeddings", None) or settings.max_model_len or 2048
         max_model_len = min(settings.max_model_len or context, context)
+        max_num_seqs = settings.max_num_seqs or DEFAULT_MAX_NUM_SEQS
         log.info("torch engine: %s on %s (%s), context %d, batch up to %d",
-                 directory, device, dtype, max_model_len, settings.max_batch_size)
-        return cls(model, tokenizer, max_model_len, settings.max_batch_size)
+                 directory, device, dtype, max_model_len, max_num_seqs)
+        return cls(model, tokenizer, max_model_len, max_num_seqs)
 
     async def generate(self, prompt_token_ids: list[int], options: SamplingOptions,
                        request_id: str) -> AsyncIterator[GenerationDelta]:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from server.engines.base import GenerationDelta, SamplingOptions
+from server.engines.base import GenerationDelta, SamplingOptions, TokenLogprob
 from server.limits import Slot
 from server.metrics import ServerMetrics
 from server.openai.protocol import Usage
@@ -38,6 +38,8 @@ class ChoiceDelta:
     index: int
     text: str
     finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 def plan_choices(prompts: list[list[int]], options: list[SamplingOptions], n: int) -> list[ChoicePlan]:
@@ -82,8 +84,9 @@ class Generation:
         try:
             async for plan, delta in self._deltas():
                 self._count(plan, delta)
-                if delta.text or delta.finish_reason is not None:
-                    yield ChoiceDelta(index=plan.index, text=delta.text, finish_reason=delta.finish_reason)
+                if delta.text or delta.finish_reason is not None or delta.logprobs or delta.prompt_logprobs:
+                    yield ChoiceDelta(index=plan.index, text=delta.text, finish_reason=delta.finish_reason,
+                                      logprobs=delta.logprobs, prompt_logprobs=delta.prompt_logprobs)
             status = STATUS_OK
         except (asyncio.CancelledError, GeneratorExit):
             status = STATUS_CLIENT_GONE

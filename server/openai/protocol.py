@@ -8,6 +8,7 @@ Each endpoint's own request and response shapes live in its package (`chat/`, `c
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, ClassVar, Literal
@@ -15,11 +16,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+log = logging.getLogger(__name__)
+
 # vLLM's own server ran n=10000 samples for one request; n fans out into n generations, so cap it.
 MAX_N = 8
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 # max_tokens beyond the context is capped to what fits; beyond this it is surely a mistake: refused.
 MAX_TOKENS_LIMIT = 2**31 - 1
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: alternatives per token
 
 
 
@@ -28,6 +32,7 @@ def _is_neutral(value: Any) -> bool:
 
 
 class OpenAIRequest(BaseModel):
+    # Unknown fields are ignored and logged at debug level, as vLLM's server does.
     model_config = ConfigDict(extra="ignore")
     # Fields of the OpenAI API that this server cannot honour: accepted only at their neutral value.
     refused_fields: ClassVar[tuple[str, ...]] = ()
@@ -40,6 +45,8 @@ class OpenAIRequest(BaseModel):
             raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
                 type=PydanticCustomError("unsupported", "'{name}' is not supported by this server; leave it unset",
                                          {"name": name}), loc=(name,), input=data[name]) for name in asked])
+        if isinstance(data, dict) and (ignored := data.keys() - cls.model_fields.keys() - set(cls.refused_fields)):
+            log.debug("fields present in the request but ignored: %s", sorted(ignored))
         return handler(data)
 
 
@@ -50,7 +57,7 @@ class StreamOptions(OpenAIRequest):
 class SamplingRequest(OpenAIRequest):
     """Fields shared by chat and text completions."""
 
-    refused_fields = ("logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "best_of")
+    refused_fields = ("logit_bias", "best_of")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
@@ -62,7 +69,11 @@ class SamplingRequest(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM's extension, which benchmarks use to get fixed output lengths.
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's extensions: benchmarks use ignore_eos (and min_tokens) to get fixed output lengths.
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_LIMIT)
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -74,6 +85,25 @@ class SamplingRequest(OpenAIRequest):
         if any(stop == "" for stop in stops):
             raise ValueError("a stop sequence must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max_tokens(self):
+        if self.requested_max_tokens is not None and self.min_tokens > self.requested_max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.requested_max_tokens})")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def logprobs_per_token(self) -> int | None:
+        """Alternatives wanted per generated token (0: the chosen token's only); None: no logprobs."""
+        return None
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return None
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -106,7 +136,6 @@ class Usage(BaseModel):
 class ChoiceBase(BaseModel):
     index: int
     finish_reason: str | None = None
-    logprobs: None = None
 
 
 class CompletionResponseBase(BaseModel):

@@ -14,17 +14,23 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from server.engines.base import SamplingOptions
-from server.errors import APIError, ClientDisconnected, context_length_exceeded, internal_error
+from server.engines.base import SamplingOptions, TokenLogprob
+from server.errors import (
+    APIError,
+    ClientDisconnected,
+    context_length_exceeded,
+    internal_error,
+    invalid_request,
+)
 from server.limits import AdmissionGate, Slot
 from server.metrics import ServerMetrics
-from server.openai.generation import Generation, plan_choices
+from server.openai.generation import ChoiceDelta, Generation, plan_choices
 from server.openai.protocol import SamplingRequest, new_id, now
 from server.registry import ModelRegistry, ServedModel
 
@@ -60,6 +66,11 @@ class PreparedRequest:
     generation: Generation
     response_id: str
     created: int
+    prompts: list[list[int]]  # token ids of each prompt
+    n: int  # choices per prompt: choice i answers prompt i // n
+
+    def prompt_of(self, choice_index: int) -> list[int]:
+        return self.prompts[choice_index // self.n]
 
     def response_fields(self) -> dict:
         """id, created and model: what every response and chunk of this request carries."""
@@ -111,18 +122,37 @@ def prepare_generation(admission: Admission, body: SamplingRequest, prompts: lis
     if temperature < GREEDY_BELOW_TEMPERATURE:
         temperature = 0.0
     top_p = 1.0 if body.top_p is None else body.top_p
+    budgets = [completion_budget(len(prompt), body.requested_max_tokens, served.engine.max_model_len, prompt_param)
+               for prompt in prompts]
     options = [
         SamplingOptions(
-            max_tokens=completion_budget(len(prompt), body.requested_max_tokens, served.engine.max_model_len,
-                                         prompt_param),
-            temperature=temperature, top_p=top_p, seed=body.seed, stop=body.stop_sequences,
-            ignore_eos=body.ignore_eos)
-        for prompt in prompts
+            max_tokens=budget, temperature=temperature, top_p=top_p, seed=body.seed, stop=body.stop_sequences,
+            ignore_eos=body.ignore_eos, min_tokens=min(body.min_tokens, budget),  # capped with max_tokens
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0, logprobs=body.logprobs_per_token,
+            prompt_logprobs=body.prompt_logprobs)
+        for budget in budgets
     ]
+    _check_engine_supports(served, options[0])
     response_id = new_id(id_prefix)
     generation = Generation(served, prompts, plan_choices(prompts, options, body.n), admission.metrics,
                             request_id=response_id, arrival=admission.arrival, slot=admission.slot)
-    return PreparedRequest(served=served, generation=generation, response_id=response_id, created=now())
+    return PreparedRequest(served=served, generation=generation, response_id=response_id, created=now(),
+                           prompts=prompts, n=body.n)
+
+
+# SamplingOptions field → the request field a client sets for it.
+_REQUEST_FIELD = {"prompt_logprobs": "echo", "logprobs": "logprobs"}
+
+
+def _check_engine_supports(served: ServedModel, options: SamplingOptions) -> None:
+    """Refuse, with a 400 that names the field, what this model's engine cannot honour."""
+    missing = [name for name in options.extensions_in_use() if name not in served.engine.supported_options]
+    if missing:
+        field = _REQUEST_FIELD.get(missing[0], missing[0])
+        raise invalid_request(f"'{field}' is not supported by the {served.engine.name} engine that serves "
+                              f"{served.model_id}; serve it with --engine vllm, or leave '{field}' unset",
+                              param=field, code="unsupported_by_engine")
 
 
 def completion_budget(prompt_tokens: int, requested: int | None, max_model_len: int, param: str) -> int:
@@ -137,22 +167,35 @@ def completion_budget(prompt_tokens: int, requested: int | None, max_model_len: 
     return room if requested is None else min(requested, room)
 
 
-async def collect(http_request: Request, generation: Generation) -> dict[int, tuple[str, str | None]]:
-    """Run a generation to its end: {choice index: (text, finish_reason)}.
+@dataclass
+class ChoiceResult:
+    """One choice of a non-streamed response, once it has finished."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.logprobs.extend(delta.logprobs)
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
+
+
+async def collect(http_request: Request, generation: Generation) -> dict[int, ChoiceResult]:
+    """Run a generation to its end: {choice index: its result}, by index.
 
     Raises ClientDisconnected when the client disconnected first; the generation is then aborted,
     not left to run for nobody.
     """
 
-    async def run() -> dict[int, tuple[str, str | None]]:
-        texts: dict[int, list[str]] = {}
-        finish: dict[int, str | None] = {}
+    async def run() -> dict[int, ChoiceResult]:
+        results: dict[int, ChoiceResult] = {}
         async with aclosing(generation.stream()) as deltas:
             async for delta in deltas:
-                texts.setdefault(delta.index, []).append(delta.text)
-                if delta.finish_reason is not None:
-                    finish[delta.index] = delta.finish_reason
-        return {index: ("".join(parts), finish.get(index)) for index, parts in sorted(texts.items())}
+                results.setdefault(delta.index, ChoiceResult()).add(delta)
+        return dict(sorted(results.items()))
 
     work = asyncio.ensure_future(run())
     disconnected = asyncio.ensure_future(_wait_for_disconnect(http_request))

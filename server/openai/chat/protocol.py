@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_serializer
+from pydantic import BaseModel, Field, field_validator, model_serializer, model_validator
 
 from server.openai.protocol import (
+    MAX_LOGPROBS,
     MAX_TOKENS_LIMIT,
     ChoiceBase,
     CompletionResponseBase,
@@ -36,12 +37,20 @@ class ChatMessage(OpenAIRequest):
 
 class ChatCompletionRequest(SamplingRequest):
     # parallel_tool_calls is absent: some clients send true by default; only a real tool request matters.
-    refused_fields = (*SamplingRequest.refused_fields, "top_logprobs", "tools", "tool_choice", "functions",
-                      "function_call", "audio", "modalities", "prediction")
+    refused_fields = (*SamplingRequest.refused_fields, "tools", "tool_choice", "functions", "function_call",
+                      "audio", "modalities", "prediction")
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     response_format: dict | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("when using top_logprobs, logprobs must be set to true")
+        return self
 
     @field_validator("response_format")
     @classmethod
@@ -55,13 +64,35 @@ class ChatCompletionRequest(SamplingRequest):
         # max_completion_tokens is the newer name; it wins when both are sent.
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def logprobs_per_token(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(ChoiceBase):
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatChoiceBase(ChoiceBase):
+    logprobs: ChatLogprobs | None = None  # with `logprobs: true`: one entry per generated token
+
+
+class ChatChoice(ChatChoiceBase):
     message: AssistantMessage
 
 
@@ -81,7 +112,7 @@ class DeltaMessage(BaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class ChatChunkChoice(ChoiceBase):
+class ChatChunkChoice(ChatChoiceBase):
     delta: DeltaMessage
 
 

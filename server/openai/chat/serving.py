@@ -17,8 +17,11 @@ from server.openai.chat.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
     DeltaMessage,
+    TopLogprob,
 )
 
 
@@ -43,19 +46,30 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
+def chat_logprobs(entries) -> ChatLogprobs:
+    """Token logprobs in the chat API's shape (each token with its UTF-8 bytes)."""
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=entry.token, logprob=entry.logprob, bytes=list(entry.token.encode()),
+                         top_logprobs=[TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+                                       for token, logprob in entry.top])
+        for entry in entries])
+
+
 class ChatServing(shared.OpenAIServing):
     async def create(self, http_request: Request, body: ChatCompletionRequest) -> Response | ChatCompletionResponse:
         prepared = await self.prepare(http_request, body, [body.messages], chat_prompt_ids, "messages", "chatcmpl")
         if body.stream:
-            return shared.sse_response(self._chunks(prepared, body.include_usage_in_stream))
+            return shared.sse_response(self._chunks(prepared, body))
         results = await shared.collect(http_request, prepared.generation)
         return ChatCompletionResponse(
             **prepared.response_fields(), usage=prepared.generation.usage,
-            choices=[ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=finish)
-                     for index, (text, finish) in results.items()])
+            choices=[ChatChoice(index=index, message=AssistantMessage(content=result.text),
+                                finish_reason=result.finish_reason,
+                                logprobs=chat_logprobs(result.logprobs) if body.logprobs else None)
+                     for index, result in results.items()])
 
     @staticmethod
-    async def _chunks(prepared: shared.PreparedRequest, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+    async def _chunks(prepared: shared.PreparedRequest, body: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         # As OpenAI does: the role first (once per choice), then content deltas, the last one with its
         # finish_reason; with include_usage, a final chunk with no choices carries the usage.
         fields = prepared.response_fields()
@@ -66,6 +80,7 @@ class ChatServing(shared.OpenAIServing):
             async for delta in deltas:
                 yield ChatCompletionChunk(**fields, choices=[ChatChunkChoice(
                     index=delta.index, delta=DeltaMessage(content=delta.text or None),
-                    finish_reason=delta.finish_reason)])
-        if include_usage:
+                    finish_reason=delta.finish_reason,
+                    logprobs=chat_logprobs(delta.logprobs) if body.logprobs else None)])
+        if body.include_usage_in_stream:
             yield ChatCompletionChunk(**fields, choices=[], usage=prepared.generation.usage)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from server.openai.protocol import ChoiceBase, CompletionResponseBase, SamplingRequest
+from server.openai.protocol import MAX_LOGPROBS, ChoiceBase, CompletionResponseBase, SamplingRequest
 
 
 class CompletionRequest(SamplingRequest):
-    refused_fields = (*SamplingRequest.refused_fields, "echo", "suffix")
+    refused_fields = (*SamplingRequest.refused_fields, "suffix")
 
     # A string, a list of strings, a list of token ids, or a list of token-id lists (OpenAI's forms).
     prompt: str | list[str] | list[int] | list[list[int]]
+    # An integer, as in OpenAI's legacy API: the alternatives per token (0: the chosen token's only).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs, if asked)
 
     @field_validator("prompt")
     @classmethod
@@ -21,10 +24,6 @@ class CompletionRequest(SamplingRequest):
         if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
             raise ValueError("prompt must not be an empty list")
         return value
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -35,9 +34,27 @@ class CompletionRequest(SamplingRequest):
             return [list(self.prompt)]
         return list(self.prompt)
 
+    @property
+    def logprobs_per_token(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token (the first prompt token's is None)."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
 
 class CompletionChoice(ChoiceBase):
-    text: str
+    text: str  # with echo, the prompt's text and then the completion's
+    logprobs: CompletionLogprobs | None = None  # with `logprobs`: the prompt's tokens too when echoed
 
 
 class CompletionResponse(CompletionResponseBase):

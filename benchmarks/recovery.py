@@ -1,0 +1,263 @@
+"""Recovery (LoRA, merged) vs steps: WikiText-2 perplexity, wall time per step, and the chat check.
+
+Per ratio: the dense model writes the recovery data and its top-k teacher targets (once, cached under
+.cache/recovery-bench, shared by every ratio), the current pipeline prunes it (`prune_model`,
+PruneOptions(ratio=R), all other options default), then ONE recovery run of the largest step count is
+evaluated at every requested step count on the way: the learning rate is constant after a fixed
+warm-up, so the first N steps of a long run are exactly an N-step run. Perplexity is measured on
+the adapter-wrapped model (equal to the merged one to float tolerance: tests/test_recovery.py);
+for the steps in --chat-steps a merged copy is exported and asked the chat check through the
+OpenAI endpoint (benchmarks/chat_check.py, `hywia serve EXPORT --ratio 0 --engine torch`).
+
+    nohup .venv/bin/python benchmarks/recovery.py --ratios 0.2,0.5 --steps 0,50,100,200,400 \
+        --chat-steps 0,100,400 > /tmp/recovery.log 2>&1 &
+
+Writes benchmarks/results/recovery.json (every run appended, with its command and date),
+recovery.md and recovery.png (perplexity vs steps, the dense line and LLM-Pruner's line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import numbers, write_json
+from benchmarks.chat_check import check_directory, load_questions
+from hywia.default_model import ensure_default_model
+from hywia.evaluation.perplexity import split_windows, tokenize_text, window_perplexity
+from hywia.evaluation.scoring import TokenScorer
+from hywia.export import write_export
+from hywia.models import load_model
+from hywia.pipeline import PruneOptions, prune_model
+from hywia.plan import PruningPlan
+from hywia.recovery import RecoveryOptions, recover
+from hywia.recovery_data import recovery_batches, teacher_targets
+from hywia.surgery import slice_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DENSE_PPL = 55.54  # measured with the same protocol (issue 13)
+PEER_PPL = {0.2: (0.2108, 205.4), 0.5: (0.4999, 1266.9)}  # LLM-Pruner's code on the same model (issue 13)
+log = logging.getLogger("recovery-bench")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = RecoveryOptions()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    parser.add_argument("--ratios", default="0.2,0.5")
+    parser.add_argument("--steps", default="0,50,100,200,400", help="step counts evaluated (checkpoints of one run)")
+    parser.add_argument("--chat-steps", default="", help="step counts whose merged export is chat-checked")
+    parser.add_argument("--recover-data", default="self",
+                        help="'self', 'self+gutenberg' or 'gutenberg' (the data folder's calibration books), or a path")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--rank", type=int, default=defaults.rank)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--kd-weight", type=float, default=defaults.kd_weight)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--windows", type=int, default=400, help="WikiText-2 windows (128 tokens) scored")
+    parser.add_argument("--dense", action="store_true", help="also measure the dense model (perplexity, chat)")
+    parser.add_argument("--label", default="", help="a name for this configuration in the results")
+    parser.add_argument("--out", type=Path, default=RESULTS / "recovery.json")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite recovery.md/.png from the JSON")
+    return parser.parse_args(argv)
+
+
+def data_spec(args) -> str:
+    gutenberg = str(Path(args.data_dir) / "calibration" / "gutenberg")
+    return args.recover_data.replace("gutenberg", gutenberg) if "gutenberg" in args.recover_data \
+        else args.recover_data
+
+
+def teacher_cache(loaded, args):
+    """Recovery data + teacher targets from the dense model, cached across ratios and runs."""
+    key = hashlib.sha256(json.dumps([loaded.resolved.digest, data_spec(args), args.samples, args.seq_len, args.top_k,
+                                     args.seed]).encode()).hexdigest()[:16]
+    path = ROOT / ".cache" / "recovery-bench" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False), 0.0
+    started = time.perf_counter()
+    data = recovery_batches(loaded.tokenizer, loaded.model, data_spec(args), args.samples, args.seq_len, args.seed)
+    targets = teacher_targets(loaded.model, data, args.top_k)
+    seconds = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save((data, targets), path)
+    return (data, targets), seconds
+
+
+def pruned(loaded, ratio: float):
+    """prune_model(PruneOptions(ratio)) in place; its plan is kept under .cache/recovery-bench, so a
+    later run re-slices the same plan in seconds instead of pruning again (pruning is not measured here)."""
+    path = ROOT / ".cache" / "recovery-bench" / f"plan-{loaded.resolved.digest[:16]}-r{ratio:g}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        plan = PruningPlan.from_dict(saved["plan"])
+        slice_model(loaded.model, plan)
+        return plan, saved["report"]
+    plan, report = prune_model(loaded, PruneOptions(ratio=ratio), cache_dir=ROOT / ".cache" / "test")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"plan": plan.to_dict(), "report": report}, default=str))
+    return plan, report
+
+
+def wikitext_windows(tokenizer, args) -> torch.Tensor:
+    text = (Path(args.data_dir) / "wikitext-2-raw" / "test.txt").read_text()
+    return split_windows(tokenize_text(tokenizer, text), 128)[:args.windows]
+
+
+def perplexity(model, windows) -> float:
+    return window_perplexity(TokenScorer(model), windows, batch_size=16).perplexity
+
+
+def chat(model, tokenizer, plan, report, name: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"recovery-{name}-") as directory:
+        write_export(model, tokenizer, plan, report, Path(directory) / "export", dtype=None, replace=False)
+        return {key: value for key, value in check_directory(Path(directory) / "export").items() if key != "directory"}
+
+
+def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], windows, record) -> None:
+    model_dir, _ = ensure_default_model(ROOT / ".cache" / "test")
+    loaded = load_model(str(model_dir))
+    (data, targets), data_seconds = teacher_cache(loaded, args)
+    tick = time.perf_counter()
+    plan, report = pruned(loaded, ratio)
+    prune_seconds = time.perf_counter() - tick
+    model, tokenizer = loaded.model, loaded.tokenizer
+    run = {"ratio": ratio, "ratio_achieved": report["ratio_achieved"], "prune_seconds": prune_seconds,
+           "data_and_teacher_seconds": data_seconds, "trained_tokens": data.trained_tokens, "points": []}
+    record(run)
+
+    def evaluate(step: int, wrapped) -> None:
+        if step not in steps:
+            return
+        point = {"steps": step, "wikitext2": perplexity(model, windows)}
+        if step in chat_steps:
+            merged = copy.deepcopy(wrapped).merge_and_unload() if wrapped is not None else model
+            point["chat"] = chat(merged, tokenizer, plan, report, f"r{ratio}-s{step}")
+        run["points"].append(point)
+        log.info("ratio %s, %d steps: %s", ratio, step, {k: v for k, v in point.items() if k != "chat"})
+        record(run)
+
+    evaluate(0, None)
+    if max(steps) > 0:
+        result = recover(model, data, targets, steps=max(steps), lr=args.lr, rank=args.rank,
+                         batch_size=args.batch_size, kd_weight=args.kd_weight, seed=args.seed, on_step=evaluate)
+        run["recovery"] = {key: value for key, value in result.to_dict().items()}
+        record(run)
+
+
+def run_dense(args, windows, record) -> None:
+    model_dir, _ = ensure_default_model(ROOT / ".cache" / "test")
+    loaded = load_model(str(model_dir))
+    run = {"ratio": 0.0, "points": [{"steps": 0, "wikitext2": perplexity(loaded.model, windows)}]}
+    run["points"][0]["chat"] = {k: v for k, v in check_directory(model_dir).items() if k != "directory"}
+    record(run)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    steps, chat_steps = numbers(args.steps, int), set(numbers(args.chat_steps, int))
+    payload = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    config = {"label": args.label or f"{args.recover_data}-kd{args.kd_weight}-lr{args.lr:g}-r{args.rank}",
+              "recover_data": args.recover_data, "samples": args.samples, "seq_len": args.seq_len,
+              "top_k": args.top_k, "lr": args.lr, "rank": args.rank, "batch_size": args.batch_size,
+              "kd_weight": args.kd_weight, "seed": args.seed, "windows": args.windows,
+              "command": shlex.join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
+              "machine": f"{os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
+              "chat_questions": len(load_questions())}
+
+    if args.report_only:
+        write_report(payload, args.out)
+        return 0
+    slots: dict[int, int] = {}  # id(run) → its index in payload["runs"]: a run is rewritten as it grows
+
+    def record(run: dict) -> None:
+        slot = slots.setdefault(id(run), len(payload["runs"]))
+        payload["runs"][slot:slot + 1] = [{**config, **run}]
+        write_json(args.out, payload)
+
+    tokenizer = load_model(str(ensure_default_model(ROOT / ".cache" / "test")[0])).tokenizer
+    windows = wikitext_windows(tokenizer, args)
+    for ratio in numbers(args.ratios, float):
+        run_ratio(ratio, args, steps, chat_steps, windows, record)
+    if args.dense:  # last: the pruned runs are the ones a slow machine must not starve
+        run_dense(args, windows, record)
+    write_report(payload, args.out)
+    return 0
+
+
+def write_report(payload: dict, json_path: Path) -> None:
+    """recovery.md (one table per configuration and ratio) and recovery.png beside the JSON."""
+    runs = payload["runs"]
+    dense = next((r for r in runs if r["ratio"] == 0.0), None)
+    dense_chat = dense and dense["points"][0].get("chat", {}).get("right")
+    lines = ["# Recovery (LoRA, merged) vs steps", "",
+             ("WikiText-2 perplexity on the first windows of 128 tokens (count per row), the chat check "
+             f"({payload['runs'][0]['chat_questions']} questions through the OpenAI endpoint, greedy, keyword-graded), "
+             "and wall time per step. Generated by `benchmarks/recovery.py` from `recovery.json`; commands below."),
+             "", f"Dense: WikiText-2 {dense['points'][0]['wikitext2']:.2f}, chat {dense_chat}" if dense else
+             f"Dense: WikiText-2 {DENSE_PPL} (issue 13)", ""]
+    lines += ["| config | ratio | steps | WikiText-2 PPL (windows) | chat right | s/step | data+teacher s | date |",
+              "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        if run["ratio"] == 0.0:
+            continue
+        per_step = run.get("recovery", {}).get("seconds_per_step")
+        for point in run["points"]:
+            chat_right = point.get("chat", {}).get("right")
+            chat_cell = "" if chat_right is None else f"{chat_right}/{point['chat']['total']}" + (
+                f" ({chat_right / dense_chat:.0%} of dense)" if dense_chat else "")
+            lines.append(f"| {run['label']} | {run['ratio']:g} | {point['steps']} | {point['wikitext2']:.1f} "
+                         f"({run['windows']}) | {chat_cell} | {'' if per_step is None else f'{per_step:.1f}'} | "
+                         f"{run.get('data_and_teacher_seconds', 0):.0f} | {run['date']} |")
+    lines += ["", ("Peer (LLM-Pruner's code, same model and protocol, no recovery; issue 13): 205.4 at 21.08%, "
+              "1,266.9 at 49.99%."), "", "Commands:", ""]
+    lines += [f"- `{command}`" for command in dict.fromkeys(r["command"] for r in runs)]
+    json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(runs, dense, json_path.with_suffix(".png"))
+
+
+def plot(runs: list[dict], dense: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = sorted({r["ratio"] for r in runs if r["ratio"] > 0})
+    figure, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
+    for axis, ratio in zip(axes[0], ratios):
+        for run in (r for r in runs if r["ratio"] == ratio):
+            points = sorted(run["points"], key=lambda p: p["steps"])
+            axis.plot([p["steps"] for p in points], [p["wikitext2"] for p in points], marker="o", label=run["label"])
+        axis.axhline(dense["points"][0]["wikitext2"] if dense else DENSE_PPL, color="black", linestyle="--",
+                     label="dense")
+        peer_ratio, peer_ppl = PEER_PPL.get(ratio, (None, None))
+        if peer_ppl:
+            axis.axhline(peer_ppl, color="red", linestyle=":", label=f"LLM-Pruner {peer_ratio:.2%}, no recovery")
+        axis.set(title=f"ratio {ratio:g}", xlabel="recovery steps", ylabel="WikiText-2 perplexity (log)", yscale="log")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

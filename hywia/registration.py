@@ -39,6 +39,11 @@ _AFTER_IMPORT = {_CONFIG_MODULE: _register_config, _MODEL_MODULE: _register_mode
 def _run(name: str) -> None:
     try:
         _AFTER_IMPORT[name]()
+    except ImportError:
+        # transformers can load configuration_auto while one of its own modules is half-imported (e.g.
+        # peft imports transformers in that order): registering then is a circular import. The model
+        # hook, which fires once modeling_auto has loaded, registers the config as well.
+        log.debug("per-layer registration deferred: %s is mid-import", name, exc_info=True)
     except Exception:  # a failed registration must not break the user's own transformers import
         log.warning("could not register the per-layer architecture with transformers", exc_info=True)
 

@@ -146,21 +146,25 @@ def test_load_model_accepts_a_per_layer_export(export, tmp_path):
     assert loaded.model.config.layer_intermediate_size == [512, 300, 100]
 
 
-@pytest.mark.parametrize("transformers_first", [False, True])
-def test_import_hywia_lets_transformers_load_a_per_layer_export(export, transformers_first):
+@pytest.mark.parametrize("order", ["hywia-first", "transformers-first", "peft-first"])
+def test_import_hywia_lets_transformers_load_a_per_layer_export(export, order):
     """As a new user would (README): `import hywia`, then the Auto classes, in a fresh interpreter;
-    in either order. `import hywia` itself must not pay for importing transformers."""
+    in any order, including through peft (which makes transformers load configuration_auto while one
+    of its own modules is half-imported). `import hywia` itself must not pay for importing transformers,
+    and nothing warns."""
     import subprocess
     import sys
 
     directory, *_ = export
-    imports = ("from transformers import AutoModelForCausalLM; import hywia" if transformers_first else
-               "import sys, hywia; assert 'transformers' not in sys.modules; "
-               "from transformers import AutoModelForCausalLM")
+    imports = {"transformers-first": "from transformers import AutoModelForCausalLM; import hywia",
+               "hywia-first": "import sys, hywia; assert 'transformers' not in sys.modules; "
+                              "from transformers import AutoModelForCausalLM",
+               "peft-first": "import hywia, peft; from transformers import AutoModelForCausalLM"}[order]
     script = (f"{imports}; model = AutoModelForCausalLM.from_pretrained({str(directory)!r}); "
               "print(type(model).__name__, [l.mlp.down_proj.in_features for l in model.model.layers])")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
+    assert "could not register" not in done.stderr
     assert done.stdout.split("\n")[-2] == "HywiaLlamaForCausalLM [512, 300, 100]"
 
 

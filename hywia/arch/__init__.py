@@ -8,7 +8,7 @@ Auto classes, so `AutoModelForCausalLM.from_pretrained(export_dir)` works with n
 
 from __future__ import annotations
 
-from transformers import AutoModelForCausalLM
+import sys
 
 from hywia.arch.configuration_hywia_llama import (
     PER_LAYER_FIELDS,
@@ -27,8 +27,17 @@ _IDENTITY_KEYS = ("model_type", "architectures", "transformers_version", "_name_
 
 def register() -> None:
     """Register with the Auto classes. Safe to call any number of times (exist_ok)."""
+    from transformers import AutoModelForCausalLM
+
     register_config()
     AutoModelForCausalLM.register(HywiaLlamaConfig, HywiaLlamaForCausalLM, exist_ok=True)
+
+
+def _auto_models_loaded() -> bool:
+    """False while transformers is still executing modeling_auto (it imports configuration_auto, whose
+    hook brings us here): then hywia.registration registers the model once modeling_auto has loaded."""
+    module = sys.modules.get("transformers.models.auto.modeling_auto")
+    return module is None or "AutoModelForCausalLM" in vars(module)
 
 
 def per_layer_config(config: dict) -> HywiaLlamaConfig:
@@ -51,7 +60,10 @@ def per_layer_config(config: dict) -> HywiaLlamaConfig:
     return per_layer
 
 
-register()
+if _auto_models_loaded():
+    register()
+else:
+    register_config()
 
 __all__ = [
     "ARCHITECTURE",

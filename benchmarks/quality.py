@@ -111,12 +111,16 @@ def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
                                seq_len=args.calibration_seq_len, seed=run["seed"], **method_fields(run["method"]))
         export = prepare_export(resolve_source(args.model, args.cache_dir), options, cache_dir=args.cache_dir)
         report = export.report
+        details = report.get("importance_details") or {}
         source = str(export.directory)
         record.update(export=source, cache_hit=export.cache_hit, prune_seconds=report.get("prune_seconds"),
                       ratio_achieved=report.get("ratio_achieved"), params_after=report.get("params_after"),
                       params_before=report.get("params_before"), alpha=report.get("alpha"),
-                      learned_alpha=(report.get("importance_details") or {}).get("learned_alpha"),
-                      selected=(report.get("importance_details") or {}).get("selected"))
+                      learned_alpha=details.get("learned_alpha"), selected=details.get("selected"),
+                      # the fusion's held-out evidence (hybrid), and the quality the report states at prune time
+                      holdout_loss_learned=details.get("holdout_loss_learned"),
+                      holdout_loss_fixed=details.get("holdout_loss_fixed"),
+                      heldout_perplexity_ratio=(report.get("quality") or {}).get("perplexity_ratio"))
     started = time.perf_counter()
     loaded = load_model(source, cache_dir=args.cache_dir)
     record.update(evaluate(loaded.model, loaded.tokenizer, eval_options))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from hywia.errors import HywiaError
+from hywia.finite import check_finite
 from hywia.scores import LayerScores
 from hywia.units import ATTENTION, MLP, KeepCounts, LayerShape, count_parameters, layer_shapes
 
@@ -236,7 +237,8 @@ class GlobalAllocation:
 def _layer_steps(layer: int, kind: str, scores: torch.Tensor, shape: LayerShape, min_keep: float,
                  align: int) -> list[RemovalStep]:
     n_units = shape.count(kind)
-    values = torch.nan_to_num(scores.float(), nan=0.0).tolist()
+    check_finite(scores, "comparable (global allocation)", layer, kind)  # a NaN would sort anywhere
+    values = scores.float().tolist()
     # Lowest first; on ties the higher index goes first, as hywia.plan.top_units keeps the lower one.
     order = sorted(range(n_units), key=lambda u: (values[u], -u))
     floor = minimum_kept(n_units, min_keep, align)

@@ -2,6 +2,9 @@
 
 `self` calibration needs no dataset: the model continues varied short prompts by sampling, so the
 pruning signal comes from the model's own distribution (seeded, hence reproducible).
+
+`heldout_batch` draws text from the same source that the calibration batch never saw (other windows of
+the text; other prompts for `self`), on which hywia.quality measures what pruning cost.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ SELF_PROMPTS = (
     "The main causes of the war were", "Dear Sir,", "Photosynthesis is the process", "Breaking news:",
     "The recipe calls for", "In mathematics, a prime number", "My favourite book is", "The committee decided",
     "Here is a short poem about the sea:", "Q: Why is the sky blue?\nA:", "The stock market", "Chapter 1\n\n",
+)
+# Prompts for held-out `self` text: none of them starts the calibration text.
+HELDOUT_PROMPTS = (
+    "The old lighthouse keeper", "To install the package, run", "According to the latest survey,",
+    "The difference between weather and climate", "Ingredients:", "She opened the letter and read",
+    "class Stack:", "The first rule of the game is",
 )
 
 
@@ -50,34 +59,63 @@ def read_text(path: Path) -> str:
 
 def windows_from_text(text: str, tokenizer, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """`samples` random non-overlapping windows of `seq_len` tokens (seeded)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_windows = ids.numel() // seq_len
-    if n_windows < samples:
+    ids, order = _window_order(text, tokenizer, seq_len, seed)
+    if order.numel() < samples:
         raise HywiaError(
             f"the calibration text has {ids.numel()} tokens: too short for {samples} windows of {seq_len}",
             "give more text, or lower --samples / --seq-len",
         )
+    return _windows(ids, order[:samples], seq_len)
+
+
+def _window_order(text: str, tokenizer, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text's token ids and its window indices in the seeded random order both batches draw from."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(n_windows, generator=generator)[:samples].sort().values
-    return torch.stack([ids[i * seq_len:(i + 1) * seq_len] for i in chosen.tolist()])
+    return ids, torch.randperm(ids.numel() // seq_len, generator=generator)
+
+
+def _windows(ids: torch.Tensor, chosen: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return torch.stack([ids[i * seq_len:(i + 1) * seq_len] for i in chosen.sort().values.tolist()])
+
+
+def heldout_batch(source: str, tokenizer, model, used_samples: int, seq_len: int, seed: int,
+                  count: int) -> torch.Tensor | None:
+    """Up to COUNT sequences of SEQ_LEN tokens from SOURCE that share no token with
+    `calibration_batch(source, ..., used_samples, seq_len, seed)`: for a text, the windows that follow
+    the calibration windows in the same seeded order; for `self`, the model's continuations of
+    HELDOUT_PROMPTS. None when the text has no window left over."""
+    if source == "self":
+        return self_generated(tokenizer, model, count, seq_len, seed, prompts=HELDOUT_PROMPTS)
+    ids, order = _window_order(read_text(Path(source)), tokenizer, seq_len, seed)
+    spare = order[used_samples:used_samples + count]
+    return _windows(ids, spare, seq_len) if spare.numel() else None
 
 
 @torch.no_grad()
-def self_generated(tokenizer, model, samples: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
-    """The model's own continuations of varied prompts, sampled at temperature 1 (seeded)."""
+def self_generated(tokenizer, model, samples: int, seq_len: int, seed: int, batch_size: int = 16,
+                   prompts: tuple[str, ...] = SELF_PROMPTS) -> torch.Tensor:
+    """The model's own continuations of varied PROMPTS, sampled at temperature 1 (seeded); every row
+    starts with its whole prompt. Prompts of one batch differ in length, so they are left-padded
+    (masked out, positions counted from each prompt's first token) and each row is cut to SEQ_LEN."""
     torch.manual_seed(seed)
     rows = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in tqdm(range(0, samples, batch_size), desc="self-calibration", unit="batch"):
         count = min(batch_size, samples - start)
-        prompts = [SELF_PROMPTS[(start + i) % len(SELF_PROMPTS)] for i in range(count)]
-        # Same-length prompts: cut each prompt's ids to the shortest so no padding is needed.
-        encoded = [bos + tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        width = min(len(e) for e in encoded)
-        input_ids = torch.tensor([e[:width] for e in encoded], device=model.device)
-        output = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0, top_p=0.95,
-            max_new_tokens=seq_len - width, min_new_tokens=seq_len - width, pad_token_id=tokenizer.eos_token_id,
-        )
-        rows.append(output[:, :seq_len].cpu())
-    return torch.cat(rows)
+        encoded = [(bos + tokenizer(prompts[(start + i) % len(prompts)], add_special_tokens=False).input_ids)[:seq_len]
+                   for i in range(count)]
+        width = max(len(e) for e in encoded)
+        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)
+        attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
+        # The shortest prompt needs the most new tokens; longer ones get a few too many, cut below.
+        new_tokens = seq_len - min(len(e) for e in encoded)
+        output = input_ids
+        if new_tokens > 0:
+            output = model.generate(
+                input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_p=0.95,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
+            )
+        rows += [row[width - len(e):][:seq_len].cpu() for row, e in zip(output, encoded)]
+    return torch.stack(rows)

@@ -1,13 +1,19 @@
-"""Adaptive fusion of the two granularities: an attention blend trained end-to-end (HYWIA.md §4).
+"""Adaptive fusion of the two granularities: an attention over them, trained end-to-end (HYWIA.md §4).
 
-Per layer l and unit type t, each granularity g ∈ {fine, coarse} offers a key built from statistics
-of its normalised scores; a query embeds (l/L, t); α_{l,t} = softmax(q·K/(√d·τ)) blends them:
+Per layer l and unit type t, each granularity g ∈ {fine, coarse} is a token whose key is a learned
+projection of statistics of its RAW scores (hywia.fusion_keys); a query embeds (l/L, t);
+α_{l,t} = softmax(q·K/(√d·τ)) blends the NORMALISED scores:
     I(u) = α_fine·Î_fine(u) + α_coarse·Î_coarse(u).
 Training (model weights frozen) soft-masks every unit with σ((I(u) − θ_{l,t}) / T), θ the keep
 threshold at the target ratio, and lowers the calibration loss of the whole soft-masked model.
 T anneals so the soft masks approach the hard top-k masks used afterwards. The query starts at
-zero, so training starts exactly at the fixed ½/½ blend; a held-out split then checks that the
-learned blend beats that fixed blend, and falls back to it (saying so) when it does not.
+zero, so training starts exactly at the fixed ½/½ blend.
+
+Selection: the calibration batch is split once, by position (the last `holdout_fraction` of it), into
+training and held-out samples. Both blends, hard-masked, are scored per held-out sample; the learned
+blend is kept only when its mean gain over the fixed blend exceeds both `min_gain` and `z` paired
+standard errors. Otherwise the fixed ½/½ blend, the simpler model, stays (and the log says so): a
+choice that tiny numerical differences between two runs could flip is no choice.
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hywia.scores import LayerScores, normalise
+from hywia.errors import HywiaError
+from hywia.fusion_keys import KEY_FEATURES, key_features
+from hywia.quality import per_sample_losses
+from hywia.scores import LayerScores, normalise_within_layers
 from hywia.units import ATTENTION, MLP, UNIT_KINDS, KeepCounts, decoder_layers
 
 log = logging.getLogger(__name__)
@@ -38,43 +47,33 @@ class FusionConfig:
     end_temperature: float = 0.02
     batch_size: int = 2
     kl_weight: float = 0.0  # optionally also match the dense model's next-token distribution
-    holdout_fraction: float = 0.25
-
-
-def granularity_features(own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Statistics of one granularity's normalised scores in a (layer, type): the key's input."""
-    positive = own.clamp_min(0) + 1e-12
-    p = positive / positive.sum()
-    entropy = -(p * p.log()).sum() / math.log(max(own.numel(), 2))
-    top_half_mass = p.sort(descending=True).values[: max(own.numel() // 2, 1)].sum()
-    variation = own.std() / own.mean().abs().clamp_min(1e-12) if own.numel() > 1 else own.new_zeros(())
-    agreement = _spearman(own, other)
-    return torch.stack([entropy, top_half_mass, variation.clamp(max=10.0), agreement])
-
-
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.numel() < 2:
-        return a.new_ones(())
-    ra, rb = normalise(a, "rank"), normalise(b, "rank")
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return (ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12)
+    holdout_fraction: float = 0.5  # the last half of the calibration batch judges learned vs fixed
+    min_gain: float = 0.01  # nats per token the learned blend must win by on held-out text (~1% perplexity)
+    z: float = 2.0  # ... and by this many paired standard errors of that gain
+    holdout_batch: int = 4  # held-out samples per forward pass (bounds the logits' memory)
 
 
 class AttentionFusion(nn.Module):
-    """α_{l,t} = softmax(q(l/L, t) · K_g / (√d·τ)) over the granularities g."""
+    """α_{l,t} = softmax(q(l/L, t) · K_g / (√d·τ)) over the granularities g, K_g = W_g·f_g + b_g.
 
-    def __init__(self, n_features: int = 4, key_dim: int = 16, tau: float = 1.0):
+    Each granularity has its own key projection W_g: with one shared projection a statistic equal
+    for both (their rank agreement) would add the same to both logits and could never move α."""
+
+    def __init__(self, n_features: int = len(KEY_FEATURES), key_dim: int = 16, tau: float = 1.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.key = nn.Linear(n_features, key_dim)
-        self.granularity_embedding = nn.Parameter(torch.randn(len(GRANULARITIES), key_dim) * 0.1)
+        shape = (len(GRANULARITIES), n_features, key_dim)
+        self.key_weight = nn.Parameter(torch.randn(shape, generator=generator) / math.sqrt(n_features))
+        self.key_bias = nn.Parameter(torch.randn(len(GRANULARITIES), key_dim, generator=generator) * 0.1)
         self.query = nn.Linear(4, key_dim)
         nn.init.zeros_(self.query.weight)  # q = 0 ⇒ α = ½/½ at step 0: training starts at the fixed blend
         nn.init.zeros_(self.query.bias)
         self.scale = math.sqrt(key_dim) * tau
 
     def alpha(self, depth: float, kind: str, features: torch.Tensor) -> torch.Tensor:
+        """FEATURES: [granularities, n_features] (hywia.fusion_keys.key_features) → α [granularities]."""
         position = torch.tensor([depth, depth * depth, float(kind == ATTENTION), float(kind == MLP)])
-        keys = self.key(features) + self.granularity_embedding  # [2, d]
+        keys = torch.einsum("gf,gfd->gd", features, self.key_weight) + self.key_bias
         return torch.softmax(keys @ self.query(position) / self.scale, dim=0)
 
 
@@ -95,20 +94,20 @@ class FusionResult:
     learned_alpha: list[dict[str, torch.Tensor]]
     selected: str  # "learned" or "fixed"
     diagnostics: dict
+    fusion: AttentionFusion  # the trained module (its keys and query), for inspection
 
 
-def train_fusion(model, fine_hat: LayerScores, coarse_hat: LayerScores, keep: list[KeepCounts],
-                 batch: torch.Tensor, config: FusionConfig = FusionConfig(), seed: int = 0,
-                 progress: bool = True) -> FusionResult:
-    """Learn α end-to-end on the soft-masked model; validate against the fixed blend on held-out text."""
-    torch.manual_seed(seed)
-    n_layers = len(fine_hat)
-    n_holdout = max(1, int(round(batch.shape[0] * config.holdout_fraction)))
-    train, holdout = batch[:-n_holdout], batch[-n_holdout:]
-    features = [{k: torch.stack([granularity_features(fine_hat[i][k], coarse_hat[i][k]),
-                                 granularity_features(coarse_hat[i][k], fine_hat[i][k])])
-                 for k in UNIT_KINDS} for i in range(n_layers)]
-    fusion = AttentionFusion(key_dim=config.key_dim, tau=config.tau)
+def train_fusion(model, fine: LayerScores, coarse: LayerScores, keep: list[KeepCounts], batch: torch.Tensor,
+                 config: FusionConfig = FusionConfig(), seed: int = 0, progress: bool = True,
+                 normalize: str = "rank") -> FusionResult:
+    """Learn α end-to-end on the soft-masked model; keep it only if it beats the fixed blend on held-out text.
+    FINE and COARSE are the raw scores: the keys read them, the blend mixes them normalised (NORMALIZE)."""
+    n_layers = len(fine)
+    train, holdout = split_holdout(batch, config.holdout_fraction)
+    fine_hat, coarse_hat = normalise_within_layers(fine, normalize), normalise_within_layers(coarse, normalize)
+    features, raw_features = key_features(fine, coarse, keep)
+    fusion = AttentionFusion(key_dim=config.key_dim, tau=config.tau,
+                             generator=torch.Generator().manual_seed(seed))
     optimiser = torch.optim.Adam(fusion.parameters(), lr=config.learning_rate)
 
     def current_alpha():
@@ -133,6 +132,9 @@ def train_fusion(model, fine_hat: LayerScores, coarse_hat: LayerScores, keep: li
                     dense_logits = model(input_ids=inputs).logits
             with apply_unit_masks(model, masks):
                 loss = _calibration_loss(model, inputs, config.kl_weight, dense_logits)
+            if not torch.isfinite(loss):
+                raise HywiaError(f"fusion training: the soft-masked calibration loss is {loss.item()} at step {step}",
+                                 "check the model in float32 (--dtype float32), or use --importance fixed")
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -147,22 +149,42 @@ def train_fusion(model, fine_hat: LayerScores, coarse_hat: LayerScores, keep: li
         fixed = fixed_alpha(n_layers)
         learned_scores = blend(fine_hat, coarse_hat, learned)
         fixed_scores = blend(fine_hat, coarse_hat, fixed)
-        learned_loss = hard_masked_loss(model, learned_scores, keep, holdout)
-        fixed_loss = hard_masked_loss(model, fixed_scores, keep, holdout)
-    selected = "learned" if learned_loss <= fixed_loss else "fixed"
-    if selected == "fixed":
-        log.warning("fusion: the learned blend (held-out loss %.4f) did not beat the fixed ½/½ blend (%.4f); "
-                    "using the fixed blend", learned_loss, fixed_loss)
-    else:
-        log.info("fusion: learned blend held-out loss %.4f vs fixed ½/½ %.4f", learned_loss, fixed_loss)
-    diagnostics = {"train_losses": losses, "holdout_loss_learned": learned_loss, "holdout_loss_fixed": fixed_loss,
-                   "train_samples": int(train.shape[0]), "holdout_samples": int(holdout.shape[0]),
-                   "config": config.__dict__}
-    return FusionResult(
-        scores=learned_scores if selected == "learned" else fixed_scores,
-        alpha=learned if selected == "learned" else fixed,
-        learned_alpha=learned, selected=selected, diagnostics=diagnostics,
-    )
+        learned_losses = per_sample_hard_masked_losses(model, learned_scores, keep, holdout, config.holdout_batch)
+        fixed_losses = per_sample_hard_masked_losses(model, fixed_scores, keep, holdout, config.holdout_batch)
+    verdict = held_out_verdict(learned_losses, fixed_losses, config)
+    log.log(logging.INFO if verdict["selected"] == "learned" else logging.WARNING,
+            "fusion: held-out loss learned %.4f vs fixed ½/½ %.4f (gain %.4f ± %.4f, needed > %.4f): keeping the %s blend",
+            verdict["holdout_loss_learned"], verdict["holdout_loss_fixed"], verdict["holdout_gain"],
+            verdict["holdout_gain_se"], verdict["selection_margin"], verdict["selected"])
+    diagnostics = {**verdict, "train_losses": losses, "train_samples": int(train.shape[0]),
+                   "holdout_samples": int(holdout.shape[0]), "config": asdict(config),
+                   "key_features": KEY_FEATURES,
+                   "raw_key_features": [{k: [[round(float(v), 5) for v in row] for row in layer[k]] for k in UNIT_KINDS}
+                                        for layer in raw_features]}
+    chosen = verdict["selected"] == "learned"
+    return FusionResult(scores=learned_scores if chosen else fixed_scores, alpha=learned if chosen else fixed,
+                        learned_alpha=learned, selected=verdict["selected"], diagnostics=diagnostics, fusion=fusion)
+
+
+def split_holdout(batch: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) samples: the held-out ones are the batch's last FRACTION, so the same
+    calibration batch always splits the same way; each side keeps at least one sample."""
+    if batch.shape[0] < 2:
+        raise HywiaError(f"the fusion needs at least 2 calibration samples, got {batch.shape[0]}",
+                         "raise --samples")
+    n_holdout = min(max(1, int(round(batch.shape[0] * fraction))), batch.shape[0] - 1)
+    return batch[:-n_holdout], batch[-n_holdout:]
+
+
+def held_out_verdict(learned: torch.Tensor, fixed: torch.Tensor, config: FusionConfig) -> dict:
+    """Per-sample held-out losses of both blends → which one to keep, and the evidence."""
+    gain = (fixed - learned).double()
+    mean_gain = float(gain.mean())
+    se = float(gain.std() / math.sqrt(gain.numel())) if gain.numel() > 1 else math.inf
+    margin = max(config.min_gain, config.z * se)
+    return {"selected": "learned" if mean_gain > margin else "fixed",
+            "holdout_loss_learned": float(learned.double().mean()), "holdout_loss_fixed": float(fixed.double().mean()),
+            "holdout_gain": mean_gain, "holdout_gain_se": se, "selection_margin": margin}
 
 
 def soft_mask(scores: torch.Tensor, keep: int, temperature: float) -> torch.Tensor:
@@ -194,11 +216,12 @@ def hard_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask
 
 
-@torch.no_grad()
-def hard_masked_loss(model, scores: LayerScores, keep: list[KeepCounts], batch: torch.Tensor) -> float:
+def per_sample_hard_masked_losses(model, scores: LayerScores, keep: list[KeepCounts], batch: torch.Tensor,
+                                  chunk: int = 4) -> torch.Tensor:
+    """Mean next-token loss of each sample of BATCH under the hard top-k masks of SCORES."""
     masks = [{k: hard_mask(scores[i][k], keep[i].of(k)) for k in UNIT_KINDS} for i in range(len(scores))]
     with apply_unit_masks(model, masks):
-        return float(_calibration_loss(model, batch.to(model.device), 0.0))
+        return per_sample_losses(model, batch, chunk)
 
 
 def _calibration_loss(model, input_ids: torch.Tensor, kl_weight: float,

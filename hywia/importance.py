@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hywia.finite import require_finite
 from hywia.fusion import FusionConfig, blend, fixed_alpha, train_fusion
 from hywia.scores import (
     LayerScores,
@@ -99,9 +100,8 @@ def fixed(stats: UnitStatistics, ctx: ImportanceContext) -> Importance:
 
 def hybrid(stats: UnitStatistics, ctx: ImportanceContext) -> Importance:
     """The learned attention blend of fine and coarse, trained end-to-end on calibration data."""
-    result = train_fusion(ctx.model, normalise_within_layers(stats.fine, ctx.normalize),
-                          normalise_within_layers(stats.coarse, ctx.normalize), ctx.keep, ctx.batch, ctx.fusion,
-                          ctx.seed, ctx.progress)
+    result = train_fusion(ctx.model, stats.fine, stats.coarse, ctx.keep, ctx.batch, ctx.fusion, ctx.seed,
+                          ctx.progress, normalize=ctx.normalize)
     details = dict(result.diagnostics, selected=result.selected, normalize=ctx.normalize,
                    learned_alpha=_alpha_lists(result.learned_alpha))
     return Importance(result.scores, _alpha_lists(result.alpha), details)
@@ -145,6 +145,17 @@ class Criterion:
     ranking: str
     needs_statistics: bool = True
     needs_keep: bool = False  # its scores depend on the keep counts, so they are computed after them
+
+    def __post_init__(self) -> None:
+        # Every criterion's scores pass one finiteness check, whoever wrote it: a NaN stops the prune.
+        score = self.score
+
+        def checked(stats: UnitStatistics | None, ctx: ImportanceContext) -> Importance:
+            importance = score(stats, ctx)
+            require_finite(importance.scores, f"{score.__name__.replace('_', '-')} importance")
+            return importance
+
+        object.__setattr__(self, "score", checked)
 
 
 CRITERIA = {

@@ -25,6 +25,7 @@ from hywia.memory_fit import FitResult, Workload, choose_ratio
 from hywia.models import LoadedModel, ResolvedSource, load_model, load_resolved
 from hywia.options import PruneOptions
 from hywia.plan import PruningPlan, build_plan
+from hywia.quality import QualityProbe
 from hywia.report import build_report, layer_sizes
 from hywia.sizes import parse_count, parse_size
 from hywia.statistics_cache import calibration_statistics
@@ -97,11 +98,15 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
     plan = build_plan(importance.scores, keep) if importance is not None else PruningPlan.whole(shapes)
 
     before = layer_sizes(model)
+    # Held-out text the calibration batch never saw, measured dense now and pruned below (the report's quality).
+    probe = QualityProbe.before_pruning(model, tokenizer, options.calibration, options.samples, options.seq_len,
+                                        options.seed)
     slice_model(model, plan)
+    quality = probe.after_pruning(model)  # last: after every change to the weights
     report = build_report(
         source=loaded.resolved.source, source_digest=loaded.resolved.digest, options=options, ratio=ratio,
         params_before=params_before, params_after=count_parameters(model), protected=protected, fit=fit,
-        plan=plan, importance=importance, before=before, after=layer_sizes(model),
+        plan=plan, importance=importance, before=before, after=layer_sizes(model), quality=quality,
         seconds=time.perf_counter() - started, timings=timings)
     log.info("pruned %s: %d → %d parameters (%.1f%% removed, %.1f s)", loaded.resolved.source, params_before,
              report["params_after"], 100 * report["ratio_achieved"], report["prune_seconds"])

@@ -36,6 +36,7 @@ def layer_sizes(model) -> list[LayerSize]:
 def build_report(*, source: str, source_digest: str, options: PruneOptions, ratio: float, params_before: int,
                  params_after: int, protected: list[int], fit: FitResult | None, plan: PruningPlan,
                  importance: Importance | None, before: list[LayerSize], after: list[LayerSize],
+                 quality: dict | None = None,  # hywia.quality: held-out perplexity, dense vs pruned
                  seconds: float, timings: dict) -> dict:
     layout = {"layout": options.layout, "uniform": plan.is_uniform, "allocation": options.allocation,
               "protected_layers": protected}
@@ -62,6 +63,7 @@ def build_report(*, source: str, source_digest: str, options: PruneOptions, rati
         ],
         "alpha": importance.alpha if importance else None,
         "importance_details": importance.details if importance else {},
+        "quality": quality,
         "plan": plan.to_dict(),
         "prune_seconds": seconds,
         "timings": timings,

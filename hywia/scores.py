@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from hywia.finite import require_finite
 from hywia.units import UNIT_KINDS, decoder_layers, per_unit_sum, unit_count, unit_members
 
 LayerScores = list[dict[str, torch.Tensor]]  # per layer: {"attn": [n_kv], "mlp": [n_channels]}
@@ -137,6 +138,8 @@ def collect_statistics(model, batch: torch.Tensor, progress: bool = True) -> Uni
     for param in model.parameters():
         param.grad = None
         param.requires_grad_(previous_flags[id(param)])
+    for name in ("fine", "coarse", "fine_first_order", "coarse_first_order"):  # before any cache keeps them
+        require_finite(getattr(stats, name), name.replace("_", "-"), layers)
     return stats
 
 

@@ -67,6 +67,10 @@ class ServerMetrics:
             "hywia_pruning_seconds",
             "Seconds this start spent pruning and exporting (0 when the export came from the cache).",
             model, registry=self.registry)
+        self.quality_perplexity_ratio = Gauge(
+            "hywia_quality_perplexity_ratio",
+            "Pruned / dense perplexity on held-out calibration text, measured at prune time (1: no loss).",
+            model, registry=self.registry)
         self.startup_seconds = Gauge(
             "hywia_startup_seconds", "Duration of each start-up step.", ["step"],
             registry=self.registry)
@@ -78,6 +82,12 @@ class ServerMetrics:
             registry=self.registry)
         self._engines: dict[str, object] = {}
         self.registry.register(_EngineCollector(lambda: list(self._engines.items())))
+
+    def record_quality(self, model_id: str, report: dict | None) -> None:
+        """The pruning report's held-out perplexity ratio (hywia.quality); absent when the report has none."""
+        quality = (report or {}).get("quality")
+        if quality:
+            self.quality_perplexity_ratio.labels(model_id).set(quality["perplexity_ratio"])
 
     def watch_engine(self, model_id: str, engine) -> None:
         """Report this engine's memory under its model id from now on."""

@@ -1,0 +1,81 @@
+"""Calibration batches (issue 13 item 4): `self` prompts are kept whole, and the held-out slice
+that measures quality shares no token with the calibration batch."""
+
+from __future__ import annotations
+
+import torch
+
+from hywia.calibration import (
+    HELDOUT_PROMPTS,
+    SELF_PROMPTS,
+    calibration_batch,
+    heldout_batch,
+    self_generated,
+)
+from tests.tiny import tiny_model, tiny_tokenizer
+
+TEXT = " ".join(f"Sentence number {i} tells of the {i % 7}th river and the {i % 5}th hill." for i in range(300))
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+def test_self_generated_rows_start_with_their_whole_prompt():
+    """Prompts of one batch differ in length; each row must begin with all of its own prompt (they were
+    cut to the shortest prompt of the batch before)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    lengths = {len(_prompt_ids(tokenizer, p)) for p in SELF_PROMPTS}
+    assert len(lengths) > 1  # the case that matters: a batch of prompts of different lengths
+    rows = self_generated(tokenizer, model, 20, 48, seed=0, batch_size=8)
+    assert rows.shape == (20, 48)
+    for index, row in enumerate(rows):
+        prompt = _prompt_ids(tokenizer, SELF_PROMPTS[index % len(SELF_PROMPTS)])
+        assert row[:len(prompt)].tolist() == prompt
+
+
+def test_self_generated_is_seeded():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    first = self_generated(tokenizer, model, 4, 24, seed=5, batch_size=4)
+    assert torch.equal(first, self_generated(tokenizer, model, 4, 24, seed=5, batch_size=4))
+    assert not torch.equal(first, self_generated(tokenizer, model, 4, 24, seed=6, batch_size=4))
+
+
+def test_heldout_windows_share_no_token_with_the_calibration_windows(tmp_path):
+    tokenizer = tiny_tokenizer()
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    seq_len = 16
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    windows = {tuple(ids[i:i + seq_len]): i for i in range(0, len(ids) - seq_len + 1, seq_len)}
+    used = calibration_batch(str(path), tokenizer, None, 12, seq_len, seed=3)
+    held = heldout_batch(str(path), tokenizer, None, 12, seq_len, seed=3, count=8)
+    assert held.shape == (8, seq_len)
+    used_starts = {windows[tuple(row.tolist())] for row in used}  # every row is an aligned window of the text
+    held_starts = {windows[tuple(row.tolist())] for row in held}
+    assert len(used_starts) == 12 and len(held_starts) == 8 and not used_starts & held_starts
+
+
+def test_heldout_from_a_text_with_no_spare_window_is_none(tmp_path):
+    tokenizer = tiny_tokenizer()
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    n_windows = len(tokenizer(TEXT, add_special_tokens=False).input_ids) // 16
+    assert heldout_batch(str(path), tokenizer, None, n_windows, 16, seed=0, count=8) is None
+    assert heldout_batch(str(path), tokenizer, None, n_windows - 3, 16, seed=0, count=8).shape == (3, 16)
+
+
+def test_heldout_self_text_uses_prompts_the_calibration_never_starts_with():
+    assert not {p for p in HELDOUT_PROMPTS if any(p.startswith(s) or s.startswith(p) for s in SELF_PROMPTS)}
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    held = heldout_batch("self", tokenizer, model, 32, 24, seed=0, count=4)
+    assert held.shape == (4, 24)
+    for row, prompt in zip(held, HELDOUT_PROMPTS):
+        ids = _prompt_ids(tokenizer, prompt)[:24]  # this tiny tokenizer spends many tokens on a prompt
+        assert row[:len(ids)].tolist() == ids

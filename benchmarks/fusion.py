@@ -153,16 +153,16 @@ def _mean(values):
 
 def write_markdown(payload: dict, path: Path) -> None:
     runs, dense = payload["runs"], payload["runs"]["dense"]["wikitext2"]
-    lines = [f"# Fusion: learned attention over granularities vs the fixed ½/½ blend (SmolLM2-135M-Instruct)", "",
+    lines = ["# Fusion: learned attention over granularities vs the fixed ½/½ blend (SmolLM2-135M-Instruct)", "",
              f"- command: `{payload['command']}`", f"- date: {payload['date']}; machine: {payload['machine']}",
-             f"- ratio {payload['ratio']}, uniform layout, 32 × 128 calibration tokens (defaults); WikiText-2: first "
-             f"{payload['wikitext_windows']} non-overlapping 128-token windows; dense {dense:.2f}",
-             "- held-out losses: the fusion's selection split (last half of the calibration batch), per-token NLL "
-             "of the hard-masked model; 'learned' is kept only if it wins by > max(0.01, 2 SE)",
-             "- report ratio: the report's held-out perplexity ratio (pruned / dense, 8 × 128 tokens not used "
-             "for scoring)", "",
-             "| calibration | seed | fixed PPL | hybrid PPL | selected | held-out loss learned | fixed | gain ± SE |"
-             " report ratio (hybrid) | α_fine range attn | α_fine range mlp | prune s (hybrid) |",
+             (f"- ratio {payload['ratio']}, uniform layout, 32 × 128 calibration tokens (defaults); WikiText-2: first "
+              f"{payload['wikitext_windows']} non-overlapping 128-token windows; dense {dense:.2f}"),
+             ("- held-out losses: the fusion's selection split (last half of the calibration batch), per-token NLL "
+              "of the hard-masked model; 'learned' is kept only if it wins by > max(0.01, 2 SE)"),
+             ("- report ratio: the report's held-out perplexity ratio (pruned / dense, 8 × 128 tokens not used "
+              "for scoring)"), "",
+             ("| calibration | seed | fixed PPL | hybrid PPL | selected | held-out loss learned | fixed | gain ± SE |"
+              " report ratio (hybrid) | α_fine range attn | α_fine range mlp | prune s (hybrid) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["calibration"], r["seed"]) for k, r in runs.items() if k != "dense"})
     for label, seed in keys:
@@ -185,9 +185,9 @@ def write_markdown(payload: dict, path: Path) -> None:
             lines.append(f"- {label}, {method}: mean WikiText-2 PPL {_mean(values):.1f} over {len(values)} seeds "
                          f"({', '.join(f'{v:.1f}' for v in values)})")
     lines += ["", "## Does the learned α vary with something other than depth?", "",
-              "Per hybrid run and unit type: correlation of the learned α_fine over the 30 layers with depth and with "
-              "each raw key statistic of the fine granularity, and the share of α's variance that a quadratic in "
-              "depth leaves unexplained.", "",
+              ("Per hybrid run and unit type: correlation of the learned α_fine over the 30 layers with depth and with "
+               "each raw key statistic of the fine granularity, and the share of α's variance that a quadratic in "
+               "depth leaves unexplained."), "",
               "| run | type | corr depth | " + " | ".join(f"corr {n}" for n in KEY_FEATURES) + " | not explained by depth |",
               "|---|---|---|" + "---|" * len(KEY_FEATURES) + "---|"]
     for key, run in sorted(runs.items()):

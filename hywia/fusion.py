@@ -172,7 +172,7 @@ def split_holdout(batch: torch.Tensor, fraction: float) -> tuple[torch.Tensor, t
     if batch.shape[0] < 2:
         raise HywiaError(f"the fusion needs at least 2 calibration samples, got {batch.shape[0]}",
                          "raise --samples")
-    n_holdout = min(max(1, int(round(batch.shape[0] * fraction))), batch.shape[0] - 1)
+    n_holdout = min(max(1, round(batch.shape[0] * fraction)), batch.shape[0] - 1)
     return batch[:-n_holdout], batch[-n_holdout:]
 
 

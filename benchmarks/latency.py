@@ -1,40 +1,58 @@
 """Latency benchmark: pruned vs dense through `hywia serve`, and `hywia serve` vs `vllm serve` on the
-same pruned export, with the load of `hywia bench latency` (fixed prompt, fixed output length,
-concurrency 1 and 16).
+same pruned export, with vLLM's own serving benchmark (`vllm bench serve`, run from Python: see
+hywia.bench.vllm_load) as the load generator: random prompts of a fixed length, a fixed output length
+(ignore_eos, greedy), streamed completions at each concurrency level.
 
-Each server runs alone (a 2-core machine cannot serve two loads fairly), is measured, then stopped:
-  1. hywia serve SOURCE --ratio R            (the pruned export, from the cache when present)
-  2. hywia serve SOURCE --ratio 0            (the dense source, same engine)
+Three servers run side by side, started once with the same engine flags (vLLM's defaults unless
+--enforce-eager):
+  1. hywia serve SOURCE --ratio R      the pruned export (from the cache when present)
+  2. hywia serve SOURCE --ratio 0      the dense source
   3. python -m vllm.entrypoints.openai.api_server --model EXPORT   (vLLM's own server; DESIGN.md
      explains why not the `vllm` console script)
-Peak RSS is the whole process tree of each server (vLLM's engine processes included).
+Only one is under load at a time: every round measures each server at each level, in an order that
+rotates from round to round, so all three share the machine's background load alike. Reported: the
+median over rounds of each figure, and the per-round ratios (pruned/dense, hywia/vLLM) with their
+medians. Peak RSS is each server's whole process tree (vLLM's engine processes included).
 Writes benchmarks/results/latency.{md,json,png}.
 
-    python benchmarks/latency.py --calibration ../shared/data/calibration/gutenberg
+The measurement for benchmarks/results/latency.md (an idle machine; ~1 h on 2 CPU cores):
+    python benchmarks/latency.py --cache-dir .cache/test --calibration ../shared/data/calibration/gutenberg --rounds 5
+A smoke run (minutes; proves the pipeline, measures nothing):
+    python benchmarks/latency.py --cache-dir .cache/test --calibration ../shared/data/calibration/gutenberg \
+        --enforce-eager --rounds 1 --concurrency 1 2 --num-prompts 4 --input-len 32 --output-len 8 \
+        --kv-cache-memory-bytes 256MiB --max-model-len 512 --out /tmp/latency-smoke/latency
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
+import json
 import logging
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from hywia.bench.loadgen import Target, fixed_prompt, run_levels
 from hywia.bench.process import ServerProcess, free_port
-from hywia.bench.report import overhead_note, speedup_note, write_results
+from hywia.bench.report import panel_figure
+from hywia.bench.vllm_load import peak_rss, run_vllm_bench, vllm_bench_arguments
+from hywia.sizes import parse_size
 
 log = logging.getLogger("latency")
 RESULTS = Path(__file__).resolve().parent / "results"
+PRUNED, DENSE, REFERENCE = "hywia pruned", "hywia dense", "vllm serve pruned"
+# Figures taken from vLLM's result dict: (key, column title, scale).
+FIGURES = (("output_throughput", "output tok/s", 1), ("median_ttft_ms", "TTFT p50 (ms)", 1),
+           ("p99_ttft_ms", "TTFT p99 (ms)", 1), ("median_tpot_ms", "TPOT p50 (ms)", 1),
+           ("p99_tpot_ms", "TPOT p99 (ms)", 1), ("median_e2el_ms", "E2E p50 (ms)", 1),
+           ("peak_rss_bytes", "peak RSS (MiB)", 2**-20))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,14 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calibration", default="self")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--engine", default="vllm", choices=("vllm", "torch"))
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--kv-cache-bytes", default="1GiB")
+    parser.add_argument("--kv-cache-memory-bytes", default="1GiB")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--enforce-eager", action="store_true", help="pass --enforce-eager to every server")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--requests", type=int, default=None, help="per level (default max(8, 2 × concurrency))")
-    parser.add_argument("--prompt-words", type=int, default=256)
-    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="measured requests per level and round (default max(16, 2 × concurrency))")
+    parser.add_argument("--input-len", type=int, default=256, help="prompt tokens per request")
+    parser.add_argument("--output-len", type=int, default=64, help="generated tokens per request")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-vllm-serve", action="store_true", help="skip the `vllm serve` reference")
     parser.add_argument("--out", type=Path, default=RESULTS / "latency")
     parser.add_argument("--startup-timeout", type=float, default=3600)
@@ -63,47 +83,121 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Server:
+    label: str
+    process: ServerProcess
+    model: str
+    tokenizer: str  # the checkpoint directory: vLLM's benchmark tokenises its random prompts with it
+
+
+def engine_flags(args) -> list[str]:
+    flags = ["--kv-cache-memory-bytes", str(parse_size(args.kv_cache_memory_bytes)),
+             "--max-model-len", str(args.max_model_len)]
+    return flags + (["--enforce-eager"] if args.enforce_eager else [])
+
+
 def hywia_command(args, port: int, ratio: float) -> list[str]:
-    command = [sys.executable, "-m", "hywia.cli", "serve", args.source, "--port", str(port), "--engine",
-               args.engine, "--ratio", str(ratio), "--importance", args.importance, "--calibration",
-               args.calibration, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-               "--kv-cache-bytes", args.kv_cache_bytes, "--max-model-len", str(args.max_model_len)]
-    if args.cache_dir:
-        command += ["--cache-dir", args.cache_dir]
-    return command
+    command = [sys.executable, "-m", "hywia.cli", "serve", args.source, "--port", str(port), "--engine", "vllm",
+               "--ratio", str(ratio), "--importance", args.importance, "--calibration", args.calibration,
+               "--samples", str(args.samples), "--seq-len", str(args.seq_len), *engine_flags(args)]
+    return command + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
 
 
 def vllm_serve_command(args, port: int, export_dir: str, model_id: str) -> list[str]:
-    from hywia.commands.serve import parse_bytes
-
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", export_dir,
-            "--served-model-name", model_id, "--port", str(port), "--host", "127.0.0.1",
-            "--max-model-len", str(args.max_model_len),
-            "--kv-cache-memory-bytes", str(parse_bytes(args.kv_cache_bytes)), "--enforce-eager"]
+            "--served-model-name", model_id, "--port", str(port), "--host", "127.0.0.1", *engine_flags(args)]
 
 
-def measure_server(args, label: str, command_for_port: Callable[[int], list[str]], model_from_report: bool = True,
-                   model_id: str | None = None) -> tuple[list, dict | None]:
-    """Start one server, measure it at every level, stop it; returns (results, its hywia report entry)."""
-    port = free_port()
-    command = command_for_port(port)
+def start(args, label: str, command: list[str], port: int) -> ServerProcess:
     log_path = args.log_dir / f"latency-{label.replace(' ', '-')}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    log.info("%s: starting (%s); log in %s", label, shlex.join(command), log_path)
     process = ServerProcess(command, port, log_path, env=env).start()
-    try:
-        log.info("%s: starting (%s); log in %s", label, shlex.join(command), log_path)
-        process.wait_until_ready(args.startup_timeout)
-        entry = None
-        if model_from_report:
-            entry = httpx.get(f"{process.base_url}/v1/hywia/report", timeout=30).json()["data"][0]
-            model_id = entry["model"]
-        target = Target(label=label, base_url=process.base_url, model=model_id, pid=process.process.pid)
-        log.info("%s: measuring %s", label, model_id)
-        results = asyncio.run(run_levels([target], args.concurrency, fixed_prompt(args.prompt_words),
-                                         args.output_tokens, args.requests))
-        return results, entry
-    finally:
-        process.stop()
+    process.wait_until_ready(args.startup_timeout)
+    return process
+
+
+def start_hywia(args, label: str, ratio: float) -> tuple[Server, dict]:
+    port = free_port()
+    process = start(args, label, hywia_command(args, port, ratio), port)
+    entry = httpx.get(f"{process.base_url}/v1/hywia/report", timeout=30).json()["data"][0]
+    return Server(label, process, entry["model"], entry["directory"]), entry
+
+
+def measure(args, server: Server, concurrency: int, round_index: int) -> dict:
+    prompts = args.num_prompts or max(16, 2 * concurrency)
+    flags = vllm_bench_arguments(server.process.base_url, server.model, server.tokenizer, concurrency, prompts,
+                                 args.input_len, args.output_len, seed=round_index)
+    with peak_rss(server.process.process.pid) as peak:
+        result = run_vllm_bench(flags)
+    row = {"server": server.label, "concurrency": concurrency, "round": round_index, "peak_rss_bytes": peak[0],
+           **{key: result.get(key) for key in ("completed", "failed", "total_output_tokens", "duration")},
+           **{key: result.get(key) for key, _, _ in FIGURES if key != "peak_rss_bytes"}}
+    log.info("round %d, %s, concurrency %d: %.1f tok/s, TTFT p50 %.0f ms, TPOT p50 %.1f ms, %d failed",
+             round_index, server.label, concurrency, row["output_throughput"], row["median_ttft_ms"],
+             row["median_tpot_ms"], row["failed"])
+    return row
+
+
+def median_of(rows: list[dict], server: str, level: int, key: str) -> float:
+    return statistics.median(r[key] for r in rows if r["server"] == server and r["concurrency"] == level)
+
+
+def paired(rows: list[dict], first: str, second: str, level: int, key: str) -> list[float]:
+    """Per round, FIRST's figure over SECOND's (both measured in that round, under the same load)."""
+    by = {(r["server"], r["round"]): r[key] for r in rows if r["concurrency"] == level}
+    return [by[first, k] / by[second, k] for s, k in by if s == first and (second, k) in by]
+
+
+def ratio_notes(rows: list[dict], levels: list[int], weight_ratio: float, reference: bool) -> list[str]:
+    def span(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} (rounds {min(values):.3f}–{max(values):.3f})"
+
+    goal = 0.9 * weight_ratio
+    notes = [f"- Pruned/dense output throughput; goal ≥ 0.9 × weight-bytes ratio {weight_ratio:.3f} = {goal:.3f}:"]
+    for level in levels:
+        ratios = paired(rows, PRUNED, DENSE, level, "output_throughput")
+        verdict = "met" if statistics.median(ratios) >= goal else "NOT met"
+        notes.append(f"  - concurrency {level}: {span(ratios)} → {verdict}")
+    if reference:
+        notes.append("- hywia serve / vllm serve on the same export; goal: throughput ≥ 0.95, TTFT p50 ≤ 1.05:")
+        for level in levels:
+            throughput = paired(rows, PRUNED, REFERENCE, level, "output_throughput")
+            ttft = paired(rows, PRUNED, REFERENCE, level, "median_ttft_ms")
+            met = statistics.median(throughput) >= 0.95 and statistics.median(ttft) <= 1.05
+            notes.append(f"  - concurrency {level}: throughput {span(throughput)}, TTFT p50 {span(ttft)} → "
+                         f"{'met' if met else 'NOT met'}")
+    return notes
+
+
+def markdown_table(rows: list[dict], servers: list[str], levels: list[int]) -> list[str]:
+    lines = ["| server | conc. | " + " | ".join(title for _, title, _ in FIGURES) + " | failed |",
+             "|---|---|" + "---|" * (len(FIGURES) + 1)]
+    for server in servers:
+        for level in levels:
+            cells = [f"{median_of(rows, server, level, key) * scale:.1f}" for key, _, scale in FIGURES]
+            failed = sum(r["failed"] for r in rows if r["server"] == server and r["concurrency"] == level)
+            lines.append(f"| {server} | {level} | " + " | ".join(cells) + f" | {failed} |")
+    return lines
+
+
+def plot(rows: list[dict], servers: list[str], levels: list[int], path: Path, heading: str) -> None:
+    """Log-log: latency percentiles (p50 solid, p99 dashed) and throughput against concurrency."""
+    panels = (("TTFT (ms)", ("median_ttft_ms", "p99_ttft_ms")), ("TPOT (ms)", ("median_tpot_ms", "p99_tpot_ms")),
+              ("output tokens/s", ("output_throughput",)))
+    with panel_figure(len(panels), path, heading, height=4.5) as axes:
+        for axis, (title, keys) in zip(axes, panels):
+            for color, server in zip(("C0", "C1", "C2"), servers):
+                for key, style in zip(keys, ("-", "--")):
+                    name = "p99" if key.startswith("p99") else ("p50" if len(keys) > 1 else "")
+                    axis.plot(levels, [median_of(rows, server, level, key) for level in levels], style,
+                              color=color, marker="o", label=f"{server} {name}".strip())
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.set_xticks(levels, [str(level) for level in levels])
+            axis.set_xlabel("concurrency")
+            axis.set_title(title)
 
 
 def main(argv=None) -> int:
@@ -112,34 +206,49 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    pruned_label, dense_label, reference_label = (f"hywia {args.engine} pruned", f"hywia {args.engine} dense",
-                                                  "vllm serve pruned")
     load_before = os.getloadavg()[1]
-    pruned, entry = measure_server(args, pruned_label, lambda port: hywia_command(args, port, args.ratio))
-    dense, _ = measure_server(args, dense_label, lambda port: hywia_command(args, port, 0))
-    results = pruned + dense
-    notes = [speedup_note(results, pruned_label, dense_label,
-                          entry["unpruned_weight_bytes"] / entry["weight_bytes"])]
-    if not args.no_vllm_serve:
-        reference, _ = measure_server(
-            args, reference_label, lambda port: vllm_serve_command(args, port, entry["directory"], entry["model"]),
-            model_from_report=False, model_id=entry["model"])
-        results += reference
-        notes.append(overhead_note(results, pruned_label, reference_label))
+    servers: list[Server] = []
+    try:
+        pruned, entry = start_hywia(args, PRUNED, args.ratio)
+        servers.append(pruned)
+        servers.append(start_hywia(args, DENSE, 0)[0])
+        if not args.no_vllm_serve:
+            port = free_port()
+            process = start(args, REFERENCE, vllm_serve_command(args, port, entry["directory"], entry["model"]), port)
+            servers.append(Server(REFERENCE, process, entry["model"], entry["directory"]))
+        rows = []
+        for round_index in range(args.rounds):
+            order = servers[round_index % len(servers):] + servers[:round_index % len(servers)]
+            for level in args.concurrency:
+                rows += [measure(args, server, level, round_index) for server in order]
+    finally:
+        for server in servers:
+            server.process.stop()
+    labels = [server.label for server in servers]
+    weight_ratio = entry["unpruned_weight_bytes"] / entry["weight_bytes"]
+    heading = "Latency: pruned vs dense, hywia serve vs vllm serve (vLLM's benchmark as the load)"
     preamble = [
         f"Command: `python benchmarks/latency.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
         (f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.node()} "
-        f"({platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, shared with other work: 5-minute load "
-         f"average {load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end)"),
+         f"({platform.machine()}, {len(os.sched_getaffinity(0))} CPUs; 5-minute load average "
+         f"{load_before:.1f} at the start, {os.getloadavg()[1]:.1f} at the end)"),
         (f"Model: {entry['model']} ({entry['parameters']:,} parameters, {entry['weight_bytes'] / 2**20:.0f} MiB) "
          f"vs its source {args.source} ({entry['unpruned_parameters']:,}, "
          f"{entry['unpruned_weight_bytes'] / 2**20:.0f} MiB); export {entry['directory']}"),
-        (f"Load: {args.prompt_words}-word fixed prompt, {args.output_tokens} output tokens (ignore_eos, greedy), "
-         f"one warm-up request per level; every server alone on the machine, KV cache {args.kv_cache_bytes}, "
-         f"context {args.max_model_len}."),
+        (f"Load: vLLM's `bench serve`, random dataset, {args.input_len} prompt tokens, {args.output_len} output "
+         f"tokens (ignore_eos, greedy), streamed /v1/completions, {args.num_prompts or 'max(16, 2 × concurrency)'} "
+         f"requests per level and round after one warm-up; {args.rounds} interleaved rounds (order rotating); "
+         f"engines: KV cache {args.kv_cache_memory_bytes}, context {args.max_model_len}, "
+         f"{'--enforce-eager' if args.enforce_eager else 'vLLM defaults (compiled)'}."),
+        "Table: median over rounds; ratios: per round, then their median and range.",
     ]
-    for path in write_results(results, args.out, "Latency: pruned vs dense, hywia vs vllm serve", preamble, notes):
-        log.info("wrote %s", path)
+    markdown = [f"# {heading}", "", *preamble, "", *markdown_table(rows, labels, args.concurrency), "",
+                *ratio_notes(rows, args.concurrency, weight_ratio, not args.no_vllm_serve), ""]
+    args.out.with_suffix(".md").write_text("\n".join(markdown))
+    args.out.with_suffix(".json").write_text(json.dumps({"heading": heading, "preamble": preamble, "rows": rows,
+                                                         "weight_bytes_ratio": weight_ratio}, indent=1))
+    plot(rows, labels, args.concurrency, args.out.with_suffix(".png"), heading)
+    log.info("wrote %s.{md,json,png}", args.out)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from hywia import statistics_cache
 from hywia.default_model import ensure_default_model
 from hywia.evaluation.perplexity import split_windows, tokenize_text, window_perplexity
 from hywia.evaluation.scoring import TokenScorer
@@ -101,6 +102,10 @@ def main(argv=None) -> int:
                    machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                            f"{torch.get_num_threads()} threads",
                    ratio=args.ratio, wikitext_windows=args.windows)
+    # This process runs the code it imported now; pin the statistics cache's code digest to it, so that
+    # edits made to the checkout meanwhile (a shared tree) do not make hybrid recompute fixed's gradients.
+    digest = statistics_cache.code_digest()
+    statistics_cache.code_digest = lambda: digest
     model_dir, _ = ensure_default_model(args.cache_dir)
     dense = load_model(str(model_dir), cache_dir=args.cache_dir)
     if "dense" not in payload["runs"]:

@@ -103,15 +103,15 @@ def teacher_cache(loaded, args):
 
 
 def pruned(loaded, ratio: float):
-    """prune_model(PruneOptions(ratio)) in place; its plan is kept under .cache/recovery-bench, so a
-    later run re-slices the same plan in seconds instead of pruning again (pruning is not measured here)."""
+    """The plain prune (PruneOptions(ratio, recover="none"): recovery is what is measured here), in place.
+    Its plan is kept under .cache/recovery-bench, so a later run re-slices the same plan in seconds."""
     path = ROOT / ".cache" / "recovery-bench" / f"plan-{loaded.resolved.digest[:16]}-r{ratio:g}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         plan = PruningPlan.from_dict(saved["plan"])
         slice_model(loaded.model, plan)
         return plan, saved["report"]
-    plan, report = prune_model(loaded, PruneOptions(ratio=ratio), cache_dir=ROOT / ".cache" / "test")
+    plan, report = prune_model(loaded, PruneOptions(ratio=ratio, recover="none"), cache_dir=ROOT / ".cache" / "test")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"plan": plan.to_dict(), "report": report}, default=str))
     return plan, report
@@ -182,7 +182,8 @@ def main(argv=None) -> int:
               "top_k": args.top_k, "lr": args.lr, "rank": args.rank, "batch_size": args.batch_size,
               "kd_weight": args.kd_weight, "seed": args.seed, "windows": args.windows,
               "command": shlex.join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
-              "machine": f"{os.cpu_count()} CPUs (shared with other work), torch {torch.__version__}",
+              "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at start, OMP_NUM_THREADS="
+                         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}",
               "chat_questions": len(load_questions())}
 
     if args.report_only:
@@ -231,7 +232,8 @@ def write_report(payload: dict, json_path: Path) -> None:
                          f"{run.get('data_and_teacher_seconds', 0):.0f} | {run['date']} |")
     lines += ["", ("Peer (LLM-Pruner's code, same model and protocol, no recovery; issue 13): 205.4 at 21.08%, "
               "1,266.9 at 49.99%."), "", "Commands:", ""]
-    lines += [f"- `{command}`" for command in dict.fromkeys(r["command"] for r in runs)]
+    lines += [f"- `{command}` ({run['date']}; {run['machine']})"
+              for command, run in {r["command"]: r for r in runs}.items()]
     json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(runs, dense, json_path.with_suffix(".png"))
 
@@ -245,9 +247,12 @@ def plot(runs: list[dict], dense: dict | None, path: Path) -> None:
     ratios = sorted({r["ratio"] for r in runs if r["ratio"] > 0})
     figure, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
     for axis, ratio in zip(axes[0], ratios):
+        by_label: dict[str, dict[int, float]] = {}  # runs of one configuration are checkpoints of one curve
         for run in (r for r in runs if r["ratio"] == ratio):
-            points = sorted(run["points"], key=lambda p: p["steps"])
-            axis.plot([p["steps"] for p in points], [p["wikitext2"] for p in points], marker="o", label=run["label"])
+            by_label.setdefault(run["label"], {}).update({p["steps"]: p["wikitext2"] for p in run["points"]})
+        for label, curve in by_label.items():
+            steps = sorted(curve)
+            axis.plot(steps, [curve[s] for s in steps], marker="o", label=label)
         axis.axhline(dense["points"][0]["wikitext2"] if dense else DENSE_PPL, color="black", linestyle="--",
                      label="dense")
         peer_ratio, peer_ppl = PEER_PPL.get(ratio, (None, None))

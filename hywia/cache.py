@@ -63,11 +63,14 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "hywia"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, on_bytes=None) -> str:
+    """SHA-256 of a file; ON_BYTES(n) is called after each block read (a progress bar's update)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_HASH_CHUNK), b""):
             digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return digest.hexdigest()
 
 

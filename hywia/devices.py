@@ -94,9 +94,9 @@ def working_bytes(total_params: int, layer_params: int, dtype: str) -> int:
     return ACCUMULATOR_BYTES * layer_params + int(ACTIVATION_HEADROOM * total_params * DTYPE_ITEMSIZE[dtype])
 
 
-def placement(directory: Path, device: str, dtype: str):
-    """from_pretrained's `device_map` for pruning on `device`, or a HywiaError when it cannot fit even one layer's
-    statistics beside the weights. 'cuda' spreads the layers over every GPU (accelerate) when one is too small."""
+def placement(directory: Path, device: str, dtype: str) -> dict:
+    """from_pretrained's placement arguments for pruning on `device`, or a HywiaError when it cannot fit even one
+    layer's statistics beside the weights. 'cuda' spreads the layers over every GPU (accelerate) when one is too small."""
     total, layer = checkpoint_parameters(directory)
     weights = total * DTYPE_ITEMSIZE[dtype]
     needed = weights + working_bytes(total, layer, dtype)
@@ -109,13 +109,13 @@ def placement(directory: Path, device: str, dtype: str):
                 f"pruning this model on the CPU needs about {_gib(needed)} ({_gib(weights)} of {dtype} weights plus "
                 f"{_gib(needed - weights)} of statistics and activations); this machine has {_gib(physical)} of RAM",
                 "prune on a GPU (--device cuda) or on a machine with more memory")
-        return {"": "cpu"}
+        return {"device_map": {"": "cpu"}}
     import torch
 
     indices = [int(device.split(":")[1])] if ":" in device else list(range(torch.cuda.device_count()))
     free = {i: torch.cuda.mem_get_info(i)[0] for i in indices}
     if needed <= free[indices[0]]:
-        return {"": indices[0]}
+        return {"device_map": {"": indices[0]}}
     # Spread: accelerate places whole decoder layers; each GPU keeps room for one layer's statistics and its
     # share of the activation headroom.
     room = ACCUMULATOR_BYTES * layer + int(ACTIVATION_HEADROOM * weights / len(indices))
@@ -131,15 +131,22 @@ def placement(directory: Path, device: str, dtype: str):
         "or --device cpu" if len(indices) == 1 else "use a machine with more GPU memory, or --device cpu")
 
 
+SMALL_MODEL_STATISTICS_BYTES = 2 * 2**30
+
+
 def statistics_budget_bytes(model) -> int:
     """How much the gradient statistics of one chunk of layers may take (hywia.scores chunks the layers by it).
     CPU: the weights' own bytes, so a prune peaks near weights + weights + activations, a small multiple that
-    holds on a shared host. CUDA: 60% of the memory free on the fullest GPU after loading, so a large GPU
-    takes every layer in one pass and a small one takes as many passes as it must."""
+    holds on a shared host; but at least SMALL_MODEL_STATISTICS_BYTES (within a quarter of the memory
+    available), so that a small model (SmolLM2: 0.8 GB of statistics) takes one pass, not two.
+    CUDA: 60% of the memory free on the fullest GPU after loading, so a large GPU takes every layer in one
+    pass and a small one takes as many passes as it must."""
     weights = sum(param.numel() * param.element_size() for param in model.parameters())
     cuda_devices = {param.device for param in model.parameters() if param.device.type == "cuda"}
     if not cuda_devices:
-        return weights
+        import psutil
+
+        return max(weights, min(SMALL_MODEL_STATISTICS_BYTES, psutil.virtual_memory().available // 4))
     import torch
 
     return int(0.6 * min(torch.cuda.mem_get_info(device)[0] for device in cuda_devices))

@@ -55,6 +55,12 @@ class Workload:
         return self.max_model_len * self.max_seqs
 
 
+def served_dtype(export_dtype: str) -> str:
+    """The dtype vLLM serves an export in under its default `--dtype auto`: the checkpoint's own, except that a
+    float32 checkpoint is served in a 16-bit type (bfloat16 where supported, else float16: the same bytes)."""
+    return "bfloat16" if export_dtype == "float32" else export_dtype
+
+
 def _dtype_bytes(dtype: str) -> int:
     if dtype not in DTYPE_BYTES:
         raise HywiaError(f"unknown dtype {dtype!r} for the memory arithmetic", f"use one of {', '.join(DTYPE_BYTES)}")

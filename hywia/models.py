@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "HywiaLlamaForCausalLM")
 _WEIGHT_SUFFIXES = (".safetensors",)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_HASH_PROGRESS_BYTES = 256 * 2**20  # smaller sources hash in well under a second: no bar
 
 
 @dataclass
@@ -91,10 +92,15 @@ def load_resolved(resolved: ResolvedSource, allow_pickle: bool = False, dtype: s
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("loading %s from %s", resolved.source, resolved.directory)
+    from hywia.devices import compute_dtype, placement, source_dtype
+
+    if dtype == "auto":  # the checkpoint's own dtype, as far as the device computes in it
+        dtype = compute_dtype(source_dtype(read_config(resolved.directory)), device)
+    placed = placement(resolved.directory, device, dtype)  # a device too small is refused before any weight is read
+    log.info("loading %s from %s (%s on %s)", resolved.source, resolved.directory, dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
-        resolved.directory, dtype=getattr(torch, dtype), use_safetensors=not allow_pickle or None
-    ).to(device)
+        resolved.directory, dtype=getattr(torch, dtype), use_safetensors=not allow_pickle or None, **placed
+    )
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(resolved.directory)
     return LoadedModel(model=model, tokenizer=tokenizer, resolved=resolved)
@@ -142,13 +148,20 @@ def _check_weight_format(directory: Path, allow_pickle: bool) -> None:
 
 
 def content_digest(directory: Path) -> str:
-    """SHA-256 over config.json and the weight files; cache manifests spare re-hashing big files."""
+    """SHA-256 over config.json and the weight files; a cache manifest's digests are trusted (our own
+    directories, verified when reused), anything else is read once, with a progress bar over its bytes."""
+    from tqdm.auto import tqdm
+
     manifest = directory / "hywia_manifest.json"
     known = json.loads(manifest.read_text())["sha256"] if manifest.is_file() else {}
+    hashed = [p for p in sorted(directory.iterdir())
+              if p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES + _PICKLE_SUFFIXES)]
+    unknown = sum(p.stat().st_size for p in hashed if p.name not in known)
     digest = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
-        if path.name == "config.json" or path.name.endswith(_WEIGHT_SUFFIXES + _PICKLE_SUFFIXES):
-            file_hash = known.get(path.name) or sha256_file(path)
+    with tqdm(total=unknown, desc=f"hashing {directory.name}", unit="B", unit_scale=True,
+              disable=unknown < _HASH_PROGRESS_BYTES) as bar:
+        for path in hashed:
+            file_hash = known.get(path.name) or sha256_file(path, bar.update)
             digest.update(f"{path.name}:{file_hash}\n".encode())
     return digest.hexdigest()
 

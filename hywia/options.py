@@ -13,14 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hywia.budget import parse_protected_layers, validate_ratio
+from hywia.chat_templates import render_sample_conversation
 from hywia.errors import HywiaError
 from hywia.importance import CRITERIA
+from hywia.reconstruct import RECONSTRUCTIONS
+from hywia.recovery import RECOVERY_MODES, RecoveryOptions, validate_recovery_options
+from hywia.recovery_data import SELF, split_data_spec
 from hywia.sizes import parse_count, parse_size
 
 LAYOUTS = ("uniform", "per-layer")
 ALLOCATIONS = ("even", "global")  # even: the unprotected layers share the removal alike
 NORMALISATIONS = ("rank", "mean")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: the source's own dtype
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class PruneOptions:
     layout: str = "uniform"
     align_heads: int = 1
     align_mlp: int = 1
-    dtype: str = "float32"
+    dtype: str = "auto"  # of the exported weights; auto: the source's (a bf16 model stays bf16)
     normalize: str = "rank"
     # --layout per-layer: layers kept whole ("first:K,last:M"), and how the others share the removal.
     protect_layers: str | None = None
@@ -46,6 +50,19 @@ class PruneOptions:
     target_params: str | None = None
     max_model_len: int | None = None
     max_seqs: int | None = None
+    # The chat template written into the export's tokenizer (hywia.chat_templates.resolve_chat_template's
+    # text, so the cache key follows the template's content); None keeps the source's own, if any.
+    chat_template: str | None = None
+    # After cutting (hywia.reconstruct): re-fit the kept columns of o_proj/down_proj by ridge least squares.
+    reconstruct: str = "ls"
+    # Stage 3 (hywia.recovery): LoRA distillation from the dense model, merged before export.
+    recover: str = "lora"
+    recover_steps: int = RecoveryOptions.steps
+    recover_lr: float = RecoveryOptions.lr
+    recover_rank: int = RecoveryOptions.rank
+    recover_data: str = SELF  # 'self' (replies the dense model writes), a text PATH, or 'self+PATH'
+    recover_samples: int = 128
+    recover_seq_len: int = 128  # its own: self replies need room for the prompt and a reply
 
     def __post_init__(self) -> None:
         validate_ratio(self.ratio)
@@ -56,8 +73,17 @@ class PruneOptions:
                 raise HywiaError(f"{flag} {value!r} is not one of {', '.join(allowed)}",
                                  f"choose one of: {', '.join(allowed)}")
         self._check_calibration()
+        if self.chat_template is not None:
+            render_sample_conversation(self.chat_template)
         self._check_layout()
         self._check_target()
+        validate_recovery_options(self.recover, self.recover_steps, self.recover_lr, self.recover_rank,
+                                  self.recover_data)
+        if self.recover != "none":
+            for flag, value, least in (("--recover-samples", self.recover_samples, 1),
+                                       ("--recover-seq-len", self.recover_seq_len, 64)):
+                if value < least:
+                    raise HywiaError(f"{flag} {value} must be at least {least}", f"e.g. {flag} 128")
 
     @property
     def has_target(self) -> bool:
@@ -114,9 +140,19 @@ class PruneOptions:
 
 # Fields with a fixed set of values (the CLI offers the same lists as choices).
 CHOICES = {"importance": tuple(CRITERIA), "layout": LAYOUTS, "allocation": ALLOCATIONS,
-           "normalize": NORMALISATIONS, "dtype": DTYPES}
+           "normalize": NORMALISATIONS, "dtype": DTYPES, "reconstruct": RECONSTRUCTIONS,
+           "recover": RECOVERY_MODES}
 
 
 def resolve_calibration(calibration: str) -> str:
     """'self' as it is, else the absolute form of a user's path (what PruneOptions takes)."""
     return calibration if calibration == "self" else str(Path(calibration).expanduser().resolve())
+
+
+def resolve_recovery_data(data: str) -> str:
+    """'self' as it is; a PATH or 'self+PATH' with the path made absolute (the export key holds it)."""
+    use_self, path = split_data_spec(data)
+    if path is None:
+        return data
+    absolute = str(path.expanduser().resolve())
+    return f"{SELF}+{absolute}" if use_self else absolute

@@ -17,15 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hywia import __version__
+from hywia.calibration import calibration_batch
 from hywia.budget import Allocator, Budget, allocator, protected_layers
 from hywia.cache import PACKAGE_DIR, cache_root, code_digest, content_key, move_aside, verify_manifest
+from hywia.devices import MemoryMeter, resolve_device, source_dtype
 from hywia.export import REPORT_NAME, check_output_dir, write_export
 from hywia.importance import CRITERIA, ImportanceContext
-from hywia.memory_fit import FitResult, Workload, choose_ratio
-from hywia.models import LoadedModel, ResolvedSource, load_model, load_resolved
+from hywia.memory_fit import FitResult, Workload, choose_ratio, served_dtype
+from hywia.models import LoadedModel, ResolvedSource, load_resolved, read_config, resolve_source
 from hywia.options import PruneOptions
 from hywia.plan import PruningPlan, build_plan
 from hywia.quality import QualityProbe
+from hywia.reconstruct import reconstruct
+from hywia.recovery import recover
+from hywia.recovery_data import recovery_batches, teacher_targets
 from hywia.report import build_report, layer_sizes
 from hywia.sizes import parse_count, parse_size
 from hywia.statistics_cache import calibration_statistics
@@ -44,7 +49,8 @@ class ExportResult:
 
 
 def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = True,
-                cache_dir=None) -> tuple[PruningPlan, dict]:
+                cache_dir=None, meter: MemoryMeter | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[PruningPlan, dict]:
     """Decide the plan and slice `loaded.model` in place; returns the plan and the report.
 
     Even shares (uniform, protected layers) know their keep counts from the shapes alone (and, with a
@@ -52,7 +58,11 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
     units are scored, so a target is fitted after scoring there. A criterion whose scores depend on
     the keep counts (hybrid) is scored after them.
     `cache_dir`: where calibration statistics are cached (None: computed afresh, nothing written).
+    `meter`: seconds and memory per stage (the caller's, when it measured loading too).
+    `should_stop`: polled by recovery between steps (`hywia serve` stopping on SIGTERM); True raises
+    hywia.recovery.RecoveryStopped with nothing written.
     """
+    meter = meter or MemoryMeter()
     model, tokenizer = loaded.model, loaded.tokenizer
     started = time.perf_counter()
     timings = {}
@@ -66,16 +76,17 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
     ratio, fit, keep = options.ratio, None, None
     if options.allocation == "even":
         allocate = allocator(budget)
-        ratio, fit = _ratio(options, config, allocate)
+        ratio, fit = _ratio(options, config, allocate, export_dtype(options, loaded))
         keep = allocate(ratio)
 
     stats, batch = None, None
     scoring = keep != budget.whole
     if scoring and criterion.needs_statistics:
         tick = time.perf_counter()
-        batch, stats, statistics_cached = calibration_statistics(
-            model, tokenizer, loaded.resolved.digest, options.calibration, options.samples, options.seq_len,
-            options.seed, cache_dir=cache_dir, progress=progress)
+        with meter.stage("calibration_and_gradients"):
+            batch, stats, statistics_cached = calibration_statistics(
+                model, tokenizer, loaded.resolved.digest, options.calibration, options.samples, options.seq_len,
+                options.seed, cache_dir=cache_dir, progress=progress)
         timings["calibration_and_gradients_s"] = time.perf_counter() - tick
         timings["statistics_cache_hit"] = statistics_cached
     tick = time.perf_counter()
@@ -87,13 +98,14 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
             importance = criterion.score(stats, context)
         comparable = criterion.comparable(stats, importance and importance.scores, shapes, options.normalize)
         allocate = allocator(budget, comparable)
-        ratio, fit = _ratio(options, config, allocate)
+        ratio, fit = _ratio(options, config, allocate, export_dtype(options, loaded))
         keep = allocate(ratio)
         scoring = keep != budget.whole
         context = dataclasses.replace(context, keep=keep)
         timings["allocation_s"] = time.perf_counter() - tick
     if importance is None and scoring:
-        importance = criterion.score(stats, context)
+        with meter.stage("importance"):
+            importance = criterion.score(stats, context)
     timings["importance_s"] = time.perf_counter() - tick
     plan = build_plan(importance.scores, keep) if importance is not None else PruningPlan.whole(shapes)
 
@@ -101,21 +113,48 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
     # Held-out text the calibration batch never saw, measured dense now and pruned below (the report's quality).
     probe = QualityProbe.before_pruning(model, tokenizer, options.calibration, options.samples, options.seq_len,
                                         options.seed)
-    slice_model(model, plan)
+    removes = plan.keep_counts() != budget.whole
+    # Recovery learns from the dense model: its replies and top-k targets are taken before any weight changes.
+    recovery_inputs = None
+    if options.recover != "none" and removes:
+        with meter.stage("recovery_data"):
+            recovery_inputs = _recovery_inputs(model, tokenizer, options, progress)
+    stages = {}
+    if options.reconstruct == "ls" and removes:
+        if batch is None:  # gradient-free criteria drew no calibration batch
+            batch = calibration_batch(options.calibration, tokenizer, model, options.samples, options.seq_len,
+                                      options.seed)
+        with meter.stage("reconstruction"):
+            stages["reconstruction"] = reconstruct(model, plan, batch, progress=progress).to_dict()
+    with meter.stage("slice"):
+        slice_model(model, plan)
+    if recovery_inputs is not None:
+        with meter.stage("recovery"):
+            stages["recovery"] = recover(
+                model, *recovery_inputs, steps=options.recover_steps, lr=options.recover_lr,
+                rank=options.recover_rank, seed=options.seed, progress=progress, should_stop=should_stop).to_dict()
     quality = probe.after_pruning(model)  # last: after every change to the weights
     report = build_report(
         source=loaded.resolved.source, source_digest=loaded.resolved.digest, options=options, ratio=ratio,
         params_before=params_before, params_after=count_parameters(model), protected=protected, fit=fit,
         plan=plan, importance=importance, before=before, after=layer_sizes(model), quality=quality,
-        seconds=time.perf_counter() - started, timings=timings)
+        stages=stages, seconds=time.perf_counter() - started, timings=timings, memory=meter.summary())
     log.info("pruned %s: %d → %d parameters (%.1f%% removed, %.1f s)", loaded.resolved.source, params_before,
              report["params_after"], 100 * report["ratio_achieved"], report["prune_seconds"])
     return plan, report
 
 
-def _ratio(options: PruneOptions, config: dict, allocate: Allocator) -> tuple[float, FitResult | None]:
+def _recovery_inputs(dense_model, tokenizer, options: PruneOptions, progress: bool) -> tuple:
+    """The recovery data (hywia.recovery_data) and the dense model's top-k targets on it."""
+    data = recovery_batches(tokenizer, dense_model, options.recover_data, options.recover_samples,
+                            options.recover_seq_len, options.seed, progress=progress)
+    return data, teacher_targets(dense_model, data, progress=progress)
+
+
+def _ratio(options: PruneOptions, config: dict, allocate: Allocator, dtype: str) -> tuple[float, FitResult | None]:
     """The ratio to prune at: the options' own, or the smallest that meets their target
-    (memory_fit.choose_ratio for the options' workload and export dtype; logs the arithmetic)."""
+    (memory_fit.choose_ratio for the options' workload, counting the weights in the dtype vLLM serves the
+    export in; logs the arithmetic)."""
     if not options.has_target:
         return options.ratio, None
     context = config.get("max_position_embeddings")
@@ -123,7 +162,7 @@ def _ratio(options: PruneOptions, config: dict, allocate: Allocator) -> tuple[fl
         log.info("--max-model-len not given: counting the model's context length, %s tokens (vLLM's default)",
                  context)
     workload = Workload(max_model_len=options.max_model_len or context or 2048, max_seqs=options.max_seqs or 1,
-                        dtype=options.dtype)
+                        dtype=served_dtype(dtype))
     if options.target_memory is not None:
         result = choose_ratio(config, workload, target_memory=parse_size(options.target_memory), allocate=allocate)
     else:
@@ -133,15 +172,41 @@ def _ratio(options: PruneOptions, config: dict, allocate: Allocator) -> tuple[fl
 
 
 def prune_to_directory(source: str | None, options: PruneOptions, out_dir: Path, cache_dir=None,
-                       allow_pickle: bool = False, progress: bool = True, replace: bool = True) -> ExportResult:
-    """Load SOURCE, prune it, and write the export to `out_dir` (atomically)."""
+                       allow_pickle: bool = False, progress: bool = True, replace: bool = True,
+                       device: str = "auto") -> ExportResult:
+    """Load SOURCE on DEVICE, prune it, and write the export to `out_dir` (atomically)."""
     started = time.perf_counter()
+    device = resolve_device(device)  # `--device cuda` without CUDA fails before anything is read
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
-    loaded = load_model(source, cache_dir=cache_dir, allow_pickle=allow_pickle)
-    plan, report = prune_model(loaded, options, progress, cache_root(cache_dir))
-    write_export(loaded.model, loaded.tokenizer, plan, report, out_dir, dtype=options.dtype, replace=replace)
+    resolved = resolve_source(source, cache_dir, allow_pickle)
+    report = _prune_and_export(resolved, options, out_dir, device=device, cache_dir=cache_dir,
+                               allow_pickle=allow_pickle, progress=progress, replace=replace)
     return ExportResult(out_dir, report, cache_hit=False, seconds=time.perf_counter() - started)
+
+
+def _prune_and_export(resolved: ResolvedSource, options: PruneOptions, out_dir: Path, *, device: str, cache_dir,
+                      allow_pickle: bool, progress: bool, replace: bool,
+                      notify: Callable[[str], None] = lambda phase: None,
+                      should_stop: Callable[[], bool] | None = None) -> dict:
+    """Load in the source's dtype on DEVICE, prune, and write the export in the export dtype, with the
+    options' chat template (if any) in its tokenizer; returns the report."""
+    meter = MemoryMeter()
+    with meter.stage("load"):
+        loaded = load_resolved(resolved, allow_pickle=allow_pickle, dtype="auto", device=device)
+    if options.chat_template is not None:  # from here on the model chats in it (recovery's own replies too)
+        loaded.tokenizer.chat_template = options.chat_template
+    notify("pruning")
+    plan, report = prune_model(loaded, options, progress, cache_root(cache_dir), meter, should_stop)
+    notify("exporting")
+    write_export(loaded.model, loaded.tokenizer, plan, report, out_dir, dtype=export_dtype(options, loaded),
+                 replace=replace)
+    return report
+
+
+def export_dtype(options: PruneOptions, loaded: LoadedModel) -> str:
+    """--dtype, or with `auto` the dtype the source is stored in (a bf16 checkpoint exports bf16)."""
+    return options.dtype if options.dtype != "auto" else source_dtype(read_config(loaded.resolved.directory))
 
 
 def export_key(source_digest: str, options: PruneOptions, package_dir: Path = PACKAGE_DIR) -> str:
@@ -151,10 +216,12 @@ def export_key(source_digest: str, options: PruneOptions, package_dir: Path = PA
 
 
 def prepare_export(resolved: ResolvedSource, options: PruneOptions, cache_dir=None, allow_pickle: bool = False,
-                   on_phase: Callable[[str], None] | None = None, progress: bool = True) -> ExportResult:
+                   on_phase: Callable[[str], None] | None = None, progress: bool = True,
+                   device: str = "auto", should_stop: Callable[[], bool] | None = None) -> ExportResult:
     """The cached export for (source content, options, code): reused if intact, else built.
     RESOLVED comes from hywia.models.resolve_source, which hashed the source once; nothing here hashes it again."""
     started = time.perf_counter()
+    device = resolve_device(device)
     notify = on_phase or (lambda phase: None)
     notify("loading")
     key = export_key(resolved.digest, options)
@@ -168,11 +235,9 @@ def prepare_export(resolved: ResolvedSource, options: PruneOptions, cache_dir=No
             return ExportResult(target, report, cache_hit=True, seconds=time.perf_counter() - started)
         move_aside(target, problem)
     log.info("export cache miss: pruning %s into %s", resolved.source, target)
-    loaded = load_resolved(resolved, allow_pickle=allow_pickle)
-    notify("pruning")
-    plan, report = prune_model(loaded, options, progress, cache_root(cache_dir))
-    notify("exporting")
-    write_export(loaded.model, loaded.tokenizer, plan, report, target, dtype=options.dtype, replace=False)
+    report = _prune_and_export(resolved, options, target, device=device, cache_dir=cache_dir,
+                               allow_pickle=allow_pickle, progress=progress, replace=False, notify=notify,
+                               should_stop=should_stop)
     return ExportResult(target, report, cache_hit=False, seconds=time.perf_counter() - started)
 
 

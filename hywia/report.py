@@ -6,7 +6,6 @@ Built from plain values the pipeline hands over; nothing here decides anything.
 from __future__ import annotations
 
 import dataclasses
-import resource
 from dataclasses import dataclass
 
 from hywia import __version__
@@ -37,7 +36,9 @@ def build_report(*, source: str, source_digest: str, options: PruneOptions, rati
                  params_after: int, protected: list[int], fit: FitResult | None, plan: PruningPlan,
                  importance: Importance | None, before: list[LayerSize], after: list[LayerSize],
                  quality: dict | None = None,  # hywia.quality: held-out perplexity, dense vs pruned
-                 seconds: float, timings: dict) -> dict:
+                 stages: dict | None = None,  # reports of the repair stages run: reconstruction, recovery
+                 seconds: float, timings: dict, memory: dict) -> dict:
+    """MEMORY: hywia.devices.MemoryMeter.summary() (overall RSS/CUDA peaks and the per-stage table)."""
     layout = {"layout": options.layout, "uniform": plan.is_uniform, "allocation": options.allocation,
               "protected_layers": protected}
     if options.allocation == "global":
@@ -64,15 +65,12 @@ def build_report(*, source: str, source_digest: str, options: PruneOptions, rati
         "alpha": importance.alpha if importance else None,
         "importance_details": importance.details if importance else {},
         "quality": quality,
+        "reconstruction": (stages or {}).get("reconstruction"),  # hywia.reconstruct's report, or None
+        "recovery": (stages or {}).get("recovery"),  # hywia.recovery's report (loss curve, time), or None
         "plan": plan.to_dict(),
         "prune_seconds": seconds,
         "timings": timings,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_accelerator_bytes": _peak_accelerator_bytes(),
+        "peak_rss_bytes": memory["peak_rss_bytes"],
+        "peak_cuda_bytes": memory["peak_cuda_bytes"],
+        "memory": {"stages": memory["stages"]},
     }
-
-
-def _peak_accelerator_bytes() -> int | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None

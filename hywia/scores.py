@@ -7,13 +7,14 @@ Per weight k with batch gradient g_k and empirical-Fisher diagonal F_k:
                                                      (the unit as one block, first-order + Fisher form)
 plus LLM-Pruner's element-wise first-order Σ|w_k·g_k| and the magnitude floor Σ|w_k|.
 
-Memory: the batch gradient accumulates in `.grad` as backward normally does; a hook on each prunable
-parameter sees every per-sample gradient before it is added there, and folds it into one Fisher
-accumulator (one extra fp32 copy) and into per-unit block sums (tiny).
+Memory: a hook on each prunable parameter folds every per-sample gradient into float32 sums (Σg, Σg²) and
+per-unit block sums (tiny), then drops it; the layers are taken in chunks whose sums fit a budget
+(`collect_statistics`), so the statistics never exceed about the weights' own bytes on a CPU.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from hywia.finite import require_finite
 from hywia.units import UNIT_KINDS, decoder_layers, per_unit_sum, unit_count, unit_members
+
+log = logging.getLogger(__name__)
 
 LayerScores = list[dict[str, torch.Tensor]]  # per layer: {"attn": [n_kv], "mlp": [n_channels]}
 
@@ -61,86 +64,134 @@ def normalise_across_layers(scores: LayerScores, how: str) -> LayerScores:
 def magnitude_scores(model) -> LayerScores:
     """Σ|w| over each unit: the data-free floor."""
     return [
-        {kind: _sum_over_members(layer, kind, lambda m: m.param.detach().abs()) for kind in UNIT_KINDS}
+        {kind: _sum_over_members(layer, kind, lambda m: m.param.detach().float().abs()) for kind in UNIT_KINDS}
         for layer in decoder_layers(model)
     ]
 
 
-def collect_statistics(model, batch: torch.Tensor, progress: bool = True) -> UnitStatistics:
-    """One forward/backward per calibration sample; returns every gradient-based unit score."""
+def collect_statistics(model, batch: torch.Tensor, progress: bool = True,
+                       budget_bytes: int | None = None) -> UnitStatistics:
+    """One forward/backward per calibration sample and chunk of layers; returns every gradient-based unit score.
+
+    Memory stays a small multiple of the weights at any model size: the layers are taken in chunks whose
+    statistics (Σg and Σg² in float32, 8 bytes per prunable weight) fit BUDGET_BYTES (default:
+    hywia.devices.statistics_budget_bytes), only the chunk's weights require gradients, and each per-sample
+    gradient is folded into those float32 sums as soon as backward has formed it and then dropped, so no batch
+    gradient is ever held in `.grad`. Gradients are formed in the model's dtype (bf16/fp16 on a GPU); every sum
+    is float32. A chunk's scores are computed and its sums freed before the next chunk starts. The scores do not
+    depend on the chunking: each weight's per-sample gradient is the same backward computation either way."""
     layers = decoder_layers(model)
-    samples = batch.shape[0]
-    prunable = [m.param for layer in layers for kind in UNIT_KINDS for m in unit_members(layer, kind)]
+    if budget_bytes is None:
+        from hywia.devices import statistics_budget_bytes
+
+        budget_bytes = statistics_budget_bytes(model)
+    chunks = layer_chunks(layers, budget_bytes)
+    log.info("gradients: %d layers in %d chunk(s) of statistics (budget %.2f GiB)", len(layers), len(chunks),
+             budget_bytes / 2**30)
     previous_flags = {id(p): p.requires_grad for p in model.parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    for param in prunable:
-        param.requires_grad_(True)
-        param.grad = None
-
-    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in prunable}
-    block_now = [{kind: torch.zeros(unit_count(layer, kind)) for kind in UNIT_KINDS} for layer in layers]
-    block_sum = [{k: v.clone() for k, v in d.items()} for d in block_now]
-    block_sq_sum = [{k: v.clone() for k, v in d.items()} for d in block_now]
-
-    def make_hook(member, layer_index, kind):
-        n_units = unit_count(layers[layer_index], kind)
-
-        def hook(grad):
-            grad32 = grad.detach().float()
-            fisher[id(member.param)].addcmul_(grad32, grad32)
-            directional = grad32 * member.param.detach().float()
-            block_now[layer_index][kind] += per_unit_sum(directional, member.dim, n_units).cpu()
-            return grad
-
-        return hook
-
-    handles = [
-        m.param.register_hook(make_hook(m, i, kind))
-        for i, layer in enumerate(layers) for kind in UNIT_KINDS for m in unit_members(layer, kind)
-    ]
+    per_layer = {}
     try:
-        for n in tqdm(range(samples), desc="gradients", unit="sample", disable=not progress):
-            input_ids = batch[n:n + 1].to(model.device)
-            loss = model(input_ids=input_ids, labels=input_ids).loss
-            loss.backward()
-            for i in range(len(layers)):
-                for kind in UNIT_KINDS:
-                    block_sum[i][kind] += block_now[i][kind]
-                    block_sq_sum[i][kind] += block_now[i][kind] ** 2
-                    block_now[i][kind].zero_()
+        with tqdm(total=batch.shape[0] * len(chunks), desc=f"gradients ({len(chunks)} chunk(s) of layers)",
+                  unit="sample", disable=not progress) as bar:
+            for chunk in chunks:
+                per_layer.update(_chunk_statistics(model, layers, chunk, batch, bar))
     finally:
-        for handle in handles:
-            handle.remove()
-
+        for param in model.parameters():
+            param.grad = None
+            param.requires_grad_(previous_flags[id(param)])
     stats = UnitStatistics(magnitude=magnitude_scores(model))
-    for i, layer in enumerate(layers):
-        fine, fine_first, coarse, coarse_first = {}, {}, {}, {}
-        for kind in UNIT_KINDS:
-            def taylor_first(m):
-                return m.param.detach().float() * (m.param.grad.float() / samples)
-
-            def taylor_second(m):
-                w = m.param.detach().float()
-                return taylor_first(m) - 0.5 * w * w * (fisher[id(m.param)] / samples)
-
-            fine[kind] = _sum_over_members(layer, kind, lambda m: taylor_second(m).abs())
-            fine_first[kind] = _sum_over_members(layer, kind, lambda m: taylor_first(m).abs())
-            mean_d = block_sum[i][kind] / samples
-            mean_d2 = block_sq_sum[i][kind] / samples
-            coarse[kind] = (mean_d - 0.5 * mean_d2).abs()
-            coarse_first[kind] = mean_d.abs()
-        stats.fine.append(fine)
-        stats.fine_first_order.append(fine_first)
-        stats.coarse.append(coarse)
-        stats.coarse_first_order.append(coarse_first)
-
-    for param in model.parameters():
-        param.grad = None
-        param.requires_grad_(previous_flags[id(param)])
+    for index in range(len(layers)):
+        for name, scores in per_layer[index].items():
+            getattr(stats, name).append(scores)
     for name in ("fine", "coarse", "fine_first_order", "coarse_first_order"):  # before any cache keeps them
         require_finite(getattr(stats, name), name.replace("_", "-"), layers)
     return stats
+
+
+def layer_chunks(layers, budget_bytes: int) -> list[list[int]]:
+    """Consecutive layers grouped so that each group's statistics fit BUDGET_BYTES (a layer larger than the
+    budget is a group of its own: one layer is the least that can be scored)."""
+    from hywia.devices import ACCUMULATOR_BYTES
+
+    chunks, used = [[]], 0
+    for index, layer in enumerate(layers):
+        size = ACCUMULATOR_BYTES * sum(m.param.numel() for kind in UNIT_KINDS for m in unit_members(layer, kind))
+        if chunks[-1] and used + size > budget_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(index)
+        used += size
+    return chunks
+
+
+def _chunk_statistics(model, layers, chunk: list[int], batch: torch.Tensor, bar) -> dict[int, dict]:
+    """Every sample's gradients of the CHUNK's prunable weights → that chunk's scores, per layer index."""
+    samples = batch.shape[0]
+    grad_sum, grad_sq_sum = {}, {}  # per parameter, float32, the chunk's only element-wise memory
+    block_now, block_sum, block_sq_sum = {}, {}, {}  # per (layer, kind): d_n(u) of this sample, Σ d_n, Σ d_n²
+
+    def fold(member, key, n_units):
+        def hook(param):  # runs once backward has formed this sample's gradient in param.grad
+            grad = param.grad.float()
+            param.grad = None
+            grad_sum[id(param)].add_(grad)
+            grad_sq_sum[id(param)].addcmul_(grad, grad)
+            block_now[key].add_(per_unit_sum(grad.mul_(param.detach()), member.dim, n_units))
+
+        return hook
+
+    handles = []
+    for index in chunk:
+        for kind in UNIT_KINDS:
+            key, n_units = (index, kind), unit_count(layers[index], kind)
+            for member in unit_members(layers[index], kind):
+                member.param.requires_grad_(True)
+                grad_sum[id(member.param)] = torch.zeros_like(member.param, dtype=torch.float32)
+                grad_sq_sum[id(member.param)] = torch.zeros_like(member.param, dtype=torch.float32)
+                handles.append(member.param.register_post_accumulate_grad_hook(fold(member, key, n_units)))
+            block_now[key] = torch.zeros(n_units, device=member.param.device)
+            block_sum[key], block_sq_sum[key] = torch.zeros_like(block_now[key]), torch.zeros_like(block_now[key])
+    try:
+        for n in range(samples):
+            input_ids = batch[n:n + 1].to(model.device)
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            for key, now in block_now.items():
+                block_sum[key] += now
+                block_sq_sum[key] += now * now
+                now.zero_()
+            bar.update()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for index in chunk:
+            for kind in UNIT_KINDS:
+                for member in unit_members(layers[index], kind):
+                    member.param.requires_grad_(False)
+
+    scores = {}
+    for index in chunk:
+        layer, per_kind = layers[index], {name: {} for name in _GRADIENT_SCORES}
+        for kind in UNIT_KINDS:
+            def taylor_first(m):
+                return m.param.detach().float() * (grad_sum[id(m.param)] / samples)
+
+            def taylor_second(m):
+                w = m.param.detach().float()
+                return taylor_first(m) - 0.5 * w * w * (grad_sq_sum[id(m.param)] / samples)
+
+            per_kind["fine"][kind] = _sum_over_members(layer, kind, lambda m: taylor_second(m).abs())
+            per_kind["fine_first_order"][kind] = _sum_over_members(layer, kind, lambda m: taylor_first(m).abs())
+            mean_d = block_sum[(index, kind)].cpu() / samples
+            mean_d2 = block_sq_sum[(index, kind)].cpu() / samples
+            per_kind["coarse"][kind] = (mean_d - 0.5 * mean_d2).abs()
+            per_kind["coarse_first_order"][kind] = mean_d.abs()
+        scores[index] = per_kind
+    return scores
+
+
+_GRADIENT_SCORES = ("fine", "fine_first_order", "coarse", "coarse_first_order")
 
 
 def _sum_over_members(layer, kind, elementwise) -> torch.Tensor:

@@ -45,6 +45,7 @@ def create_app(config: ServeConfig, access: AccessPolicy | None = None, limits: 
         try:
             yield
         finally:
+            state.stopping.set()
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             await stop_serving(state)

@@ -100,6 +100,7 @@ async def _start(config: ServeConfig, state: ServerState) -> None:
         metrics_counter = state.metrics.cache_hits if export.cache_hit else state.metrics.cache_misses
         metrics_counter.labels(model_id).inc()
         state.metrics.pruning_seconds.labels(model_id).set(0.0 if export.cache_hit else export.seconds)
+        state.metrics.record_quality(model_id, export.report)
     elif config.serve_dense:
         log.warning("--serve-dense ignored: nothing is pruned (ratio 0), so the served model is the dense one")
 
@@ -131,7 +132,8 @@ async def _prune_or_load(config: ServeConfig, state: ServerState, resolved):
     # /health says "loading" while the cache is looked up, and "pruning" only once pruning begins.
     with _phase(state, Phase.LOADING, "export (cache lookup, pruning if missing)"):
         export = await asyncio.to_thread(prepare_export, resolved, config.prune, config.cache_dir,
-                                         config.allow_pickle, on_phase, device=config.device)
+                                         config.allow_pickle, on_phase, device=config.device,
+                                         should_stop=state.stopping.is_set)
     if export.cache_hit:
         log.info("pruned export: cache hit at %s (no pruning)", export.directory)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 
 from server.metrics import ServerMetrics
 from server.registry import ModelRegistry
@@ -24,6 +25,9 @@ class ServerState:
         self.error: str | None = None
         self.registry = ModelRegistry()
         self.metrics = metrics or ServerMetrics()
+        # Set when the server begins to stop: start-up work running in a thread (recovery's training
+        # loop) polls it and ends early, with nothing written to the cache.
+        self.stopping = threading.Event()
 
     @property
     def ready(self) -> bool:

@@ -77,5 +77,6 @@ def pruned_default_export(test_cache, default_model_dir):
     from hywia.options import PruneOptions
     from hywia.pipeline import prepare_export
 
-    return prepare_export(resolve_source(None, test_cache), PruneOptions(ratio=DEFAULT_EXPORT_RATIO),
+    # Recovery off: it is measured in benchmarks/recovery.py, and would add minutes to every fresh test cache.
+    return prepare_export(resolve_source(None, test_cache), PruneOptions(ratio=DEFAULT_EXPORT_RATIO, recover="none"),
                           cache_dir=test_cache)

@@ -23,7 +23,7 @@ def _edit(path):
 @pytest.mark.parametrize("module", ["pipeline.py", "arch/configuration_hywia_llama.py", "plan.py", "fusion.py",
                                     "export.py", "cache.py"])
 def test_editing_code_that_decides_or_writes_the_export_changes_its_key(package_copy, module):
-    options = PruneOptions(ratio=0.3)
+    options = PruneOptions(ratio=0.3, recover="none")
     before = export_key("source-digest", options, package_copy)
     assert before == export_key("source-digest", options, package_copy)  # deterministic
     _edit(package_copy / module)
@@ -68,7 +68,7 @@ def test_a_source_is_hashed_once_per_start(tmp_path, monkeypatch):
     monkeypatch.setattr(hywia.models, "content_digest", lambda directory: digests.append(directory) or
                         real_digest(directory))
     resolved = resolve_source(str(source), tmp_path / "cache")
-    export = prepare_export(resolved, PruneOptions(ratio=0.3, importance="magnitude"), cache_dir=tmp_path / "cache",
+    export = prepare_export(resolved, PruneOptions(ratio=0.3, importance="magnitude", recover="none"), cache_dir=tmp_path / "cache",
                             progress=False)
     assert not export.cache_hit and export.report["source_digest"] == resolved.digest
     assert digests == [source]

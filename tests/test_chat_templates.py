@@ -122,3 +122,15 @@ def test_template_without_a_system_role_is_accepted():
                 "{% endif %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}[assistant]")
     assert resolve_chat_template(template) == template
     assert render_sample_conversation(template).endswith("[assistant]")
+
+
+@pytest.mark.parametrize("verb", ["prune", "serve"])
+def test_cli_refuses_an_unknown_template_before_any_work(verb, tmp_path, capsys):
+    from hywia import cli
+
+    out = tmp_path / "export"
+    argv = [verb, str(tmp_path / "no-model-here"), "--chat-template", "vicuna-2"]
+    assert cli.main(argv + (["--out", str(out)] if verb == "prune" else [])) == 2
+    error = capsys.readouterr().err
+    assert "neither a built-in template (vicuna, llama-2)" in error and "Traceback" not in error
+    assert not out.exists()

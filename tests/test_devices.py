@@ -74,7 +74,7 @@ def test_cpu_placement_refuses_a_model_larger_than_the_ram(tiny_gqa_dir, monkeyp
 
     total, layer = checkpoint_parameters(tiny_gqa_dir)
     needed = total * 4 + working_bytes(total, layer, "float32")
-    assert placement(tiny_gqa_dir, "cpu", "float32") == {"": "cpu"}
+    assert placement(tiny_gqa_dir, "cpu", "float32") == {"device_map": {"": "cpu"}}
     ram = psutil.virtual_memory()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: ram._replace(total=needed - 1))
     with pytest.raises(HywiaError, match="this machine has") as caught:
@@ -94,7 +94,7 @@ def test_cuda_placement_one_gpu_spread_or_refuse(tiny_gqa_dir, monkeypatch):
     total, layer = checkpoint_parameters(tiny_gqa_dir)
     weights, room = total * 2, working_bytes(total, layer, "bfloat16")
     _fake_gpus(monkeypatch, [weights + room, 0])
-    assert placement(tiny_gqa_dir, "cuda", "bfloat16") == {"": 0}
+    assert placement(tiny_gqa_dir, "cuda", "bfloat16") == {"device_map": {"": 0}}
     per_gpu_room = ACCUMULATOR_BYTES * layer + int(ACTIVATION_HEADROOM * weights / 2)
     half = weights // 2 + per_gpu_room + 1024
     _fake_gpus(monkeypatch, [half, half])
@@ -108,9 +108,24 @@ def test_cuda_placement_one_gpu_spread_or_refuse(tiny_gqa_dir, monkeypatch):
         placement(tiny_gqa_dir, "cuda", "bfloat16")
 
 
-def test_statistics_budget_on_cpu_is_the_weights():
+def test_statistics_budget_on_cpu_is_the_weights_or_a_small_model_floor(monkeypatch):
+    """The weights' own bytes, but never below SMALL_MODEL_STATISTICS_BYTES (so a small model's statistics
+    take one pass), unless a quarter of the available memory is less than that floor."""
+    import collections
+
+    import psutil
+
+    from hywia.devices import SMALL_MODEL_STATISTICS_BYTES
+
     model = tiny_model(gqa=True).to(torch.bfloat16)
-    assert statistics_budget_bytes(model) == 2 * sum(p.numel() for p in model.parameters())
+    weights = 2 * sum(p.numel() for p in model.parameters())
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(64 * 2**30))
+    assert statistics_budget_bytes(model) == SMALL_MODEL_STATISTICS_BYTES
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(4 * weights))
+    assert statistics_budget_bytes(model) == weights  # a quarter of what is free is below the weights
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(4 * weights + 400))
+    assert statistics_budget_bytes(model) == weights + 100
     assert ACCUMULATOR_BYTES == 8  # Σg and Σg² in float32
 
 
@@ -130,3 +145,20 @@ def test_memory_meter_records_each_stage():
     assert load["seconds"] >= 0
     assert load["peak_cuda_bytes"] is None and summary["peak_cuda_bytes"] is None
     assert summary["peak_rss_bytes"] >= summary["stages"]["score"]["peak_rss_bytes"] >= load["peak_rss_bytes"]
+
+
+@pytest.mark.parametrize("verb", ["prune", "serve"])
+def test_cli_refuses_cuda_without_cuda_before_any_work(verb, tiny_gqa_dir, tmp_path, capsys, monkeypatch):
+    from hywia import cli, models, pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the source was resolved before the device was checked")
+
+    monkeypatch.setattr(models, "resolve_source", no_loading)  # serve's start-up imports it from here
+    monkeypatch.setattr(pipeline, "resolve_source", no_loading)
+    out = tmp_path / "export"
+    argv = [verb, str(tiny_gqa_dir), "--device", "cuda"] + (["--out", str(out)] if verb == "prune" else [])
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--device cuda: torch" in error and "sees no CUDA device" in error and "--device cpu" in error
+    assert "Traceback" not in error and not out.exists()

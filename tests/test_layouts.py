@@ -55,7 +55,7 @@ def options(calibration, **fields) -> PruneOptions:
     """Small, fast options; RATIO unless a target chooses the ratio."""
     targeted = "target_params" in fields or "target_memory" in fields
     return PruneOptions(**{"ratio": PruneOptions.ratio if targeted else RATIO, "importance": "fine",
-                           "calibration": calibration, "samples": 8, "seq_len": 32, **fields})
+                           "calibration": calibration, "samples": 8, "seq_len": 32, "recover": "none", **fields})
 
 
 def logits(model, seed=0):
@@ -189,7 +189,8 @@ def test_target_params_chooses_the_ratio_the_pipeline_then_applies(mode, source,
 def test_target_memory_counts_the_kv_cache_of_the_workload(source, calibration):
     loaded = load_model(str(source))
     config = loaded.model.config.to_dict()
-    workload = Workload(max_model_len=256, max_seqs=8, dtype="float32")
+    # A float32 export is served by vLLM in a 16-bit dtype (its --dtype auto), so the target counts 2 bytes.
+    workload = Workload(max_model_len=256, max_seqs=8, dtype="bfloat16")
     dense = footprint(config, workload)
     target = int(dense.weight_bytes * 0.7 + dense.kv_cache_bytes)
     plan, report = prune_model(loaded, options(calibration, target_memory=f"{target}B", max_model_len=256, max_seqs=8,
@@ -197,7 +198,7 @@ def test_target_memory_counts_the_kv_cache_of_the_workload(source, calibration):
     chosen = report["memory_fit"]["chosen"]
     assert chosen["total_bytes"] <= target < report["memory_fit"]["previous"]["total_bytes"]
     assert chosen["parameters"] == report["params_after"]
-    kv_per_token = sum(2 * len(layer.kept_kv_groups) * 64 * 4 for layer in plan.layers)
+    kv_per_token = sum(2 * len(layer.kept_kv_groups) * 64 * 2 for layer in plan.layers)
     assert chosen["kv_bytes_per_token"] == kv_per_token and chosen["kv_tokens"] == 256 * 8
 
 
@@ -279,7 +280,7 @@ def test_cli_prune_per_layer_with_a_target_prints_the_arithmetic(source, calibra
     out = tmp_path / "export"
     code = main(["prune", str(source), "--out", str(out), "--layout", "per-layer", "--protect-layers", "first:1",
                  "--importance", "magnitude", "--target-memory", f"{dense * 4 * 0.8 / 2**20:.2f}MiB",
-                 "--max-model-len", "64", "--max-seqs", "2"])
+                 "--max-model-len", "64", "--max-seqs", "2", "--recover", "none"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "chosen ratio" in printed and "2 sequences × 64 tokens" in printed
@@ -293,9 +294,9 @@ def test_cli_prune_per_layer_with_a_target_prints_the_arithmetic(source, calibra
 # fusion training; the calibration is the default one, so its statistics (hywia.statistics_cache) are
 # those every default-calibration export of this model in the test cache reuses.
 PER_LAYER_DEFAULT_OPTIONS = PruneOptions(ratio=0.2, importance="fixed", layout="per-layer",
-                                         protect_layers="first:4,last:2")
+                                         protect_layers="first:4,last:2", recover="none")
 PER_LAYER_SERVE_FLAGS = ("--ratio", "0.2", "--importance", "fixed", "--layout", "per-layer",
-                         "--protect-layers", "first:4,last:2")
+                         "--protect-layers", "first:4,last:2", "--recover", "none")
 SERVER_START_SECONDS = 600
 
 

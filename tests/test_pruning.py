@@ -35,7 +35,7 @@ def calibration_file(tmp_path):
 
 
 def small_options(calibration_file, **overrides) -> PruneOptions:
-    fields = dict(ratio=0.3, calibration=calibration_file, samples=8, seq_len=32)
+    fields = dict(ratio=0.3, calibration=calibration_file, samples=8, seq_len=32, recover="none")
     fields.update(overrides)
     return PruneOptions(**fields)
 
@@ -133,7 +133,7 @@ def test_short_or_empty_calibration_is_refused(tiny_gqa_dir, tmp_path):
     for source, message in ((short, "too short"), (empty_dir, "no .txt files")):
         loaded = load_model(str(tiny_gqa_dir))
         with pytest.raises(HywiaError, match=message):
-            prune_model(loaded, PruneOptions(ratio=0.3, calibration=str(source), samples=8, seq_len=32), progress=False)
+            prune_model(loaded, PruneOptions(ratio=0.3, calibration=str(source), samples=8, seq_len=32, recover="none"), progress=False)
 
 
 def test_output_dir_with_foreign_files_is_never_overwritten(tmp_path, tiny_gqa_dir, calibration_file):
@@ -210,7 +210,7 @@ def test_fusion_alpha_is_a_distribution_and_training_lowers_the_soft_masked_loss
 
 def test_cli_prune_exports_and_reports(tmp_path, tiny_gqa_dir, calibration_file):
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "hywia.cli", "prune", str(tiny_gqa_dir), "--ratio", "0.3",
+    done = subprocess.run([sys.executable, "-m", "hywia.cli", "prune", str(tiny_gqa_dir), "--recover", "none", "--ratio", "0.3",
                            "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -234,7 +234,7 @@ def test_fine_and_coarse_granularities_choose_different_units_on_the_real_model(
     plans = {}
     for method in ("fine", "coarse"):
         loaded = dataclasses.replace(default_model, model=copy.deepcopy(default_model.model))
-        plans[method], _ = prune_model(loaded, PruneOptions(ratio=0.2, importance=method), progress=False,
+        plans[method], _ = prune_model(loaded, PruneOptions(ratio=0.2, importance=method, recover="none"), progress=False,
                                        cache_dir=test_cache)
     layers = list(zip(plans["fine"].layers, plans["coarse"].layers, default_model.model.model.layers))
     removed_both = removed_differently = 0

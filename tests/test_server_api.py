@@ -70,7 +70,8 @@ def start(command: list[str], port: int, log_path: Path, timeout: float) -> Serv
 
 def tiny_server_options() -> list[str]:
     # Few, short calibration samples and no fusion training: the tiny model prunes in seconds.
-    return ["--engine", "torch", "--ratio", "0.2", "--importance", "fixed", "--samples", "4", "--seq-len", "32"]
+    return ["--engine", "torch", "--ratio", "0.2", "--importance", "fixed", "--samples", "4", "--seq-len", "32",
+            "--recover", "none"]
 
 
 @pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.slow)])
@@ -92,7 +93,7 @@ def served(request, tmp_path_factory) -> Served:
         calibration = request.getfixturevalue("data_dir") / "calibration" / "gutenberg"
         command = serve_command(None, port, TEST_CACHE, "--engine", "vllm", "--ratio", "0.2",
                                 "--importance", "fixed", "--calibration", str(calibration), "--samples", "8",
-                                "--seq-len", "64", "--kv-cache-memory-bytes", "256MiB", "--max-model-len", "512",
+                                "--seq-len", "64", "--recover", "none", "--kv-cache-memory-bytes", "256MiB", "--max-model-len", "512",
                                 "--serve-dense", "--enforce-eager")
         model, dense_model, timeout = "smollm2-135m-instruct-pruned20", "smollm2-135m-instruct", 1500
     process = start(command, port, work / "server.log", timeout)

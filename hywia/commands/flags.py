@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from hywia.chat_templates import BUILTIN_TEMPLATES, resolve_chat_template
+from hywia.devices import DEVICE_HELP
 from hywia.errors import HywiaError
 from hywia.options import (
     ALLOCATIONS,
@@ -18,8 +20,14 @@ from hywia.options import (
     NORMALISATIONS,
     PruneOptions,
     resolve_calibration,
+    resolve_recovery_data,
 )
+from hywia.recovery import RecoveryOptions
 from hywia.sizes import COUNT_HELP, SIZE_HELP
+
+BUILTIN_NAMES = ", ".join(BUILTIN_TEMPLATES)
+# Measured by benchmarks/recovery.py (SmolLM2-135M, 2 CPU cores); shown in --help so the cost is known up front.
+RECOVERY_COST = "13.5 s a step for SmolLM2-135M measured on 2 heavily shared CPU cores, 2026-12-02"
 
 
 class _RatioAction(argparse.Action):
@@ -62,7 +70,38 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
     group.add_argument("--align-mlp", type=int, default=defaults.align_mlp, help="kept MLP channels per layer are a multiple of this")
     group.add_argument("--normalize", choices=NORMALISATIONS, default=defaults.normalize,
                        help="how fine and coarse scores are put on one scale before blending (default %(default)s)")
-    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="dtype of the exported weights")
+    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                       help="dtype of the exported weights; auto: the source's own (default %(default)s)")
+    group.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]", help=DEVICE_HELP + " (default auto)")
+    group.add_argument("--chat-template", default=None, metavar="NAME|PATH",
+                       help="chat template to serve with and to write into the export's tokenizer, as "
+                            f"`vllm serve --chat-template` takes it: a Jinja file, or a built-in ({BUILTIN_NAMES}) "
+                            "for checkpoints that ship none (LLaMA-1/2, Vicuna)")
+    repair = parser.add_argument_group("repairing what pruning removed")
+    repair.add_argument("--reconstruct", choices=CHOICES["reconstruct"], default=defaults.reconstruct,
+                        help="ls: after cutting, re-fit the kept columns of o_proj and down_proj layer by layer "
+                             "by ridge least squares on the calibration batch (no new parameters); none: plain "
+                             "slicing (default %(default)s)")
+    repair.add_argument("--recover", choices=CHOICES["recover"], default=defaults.recover,
+                        help="lora: distil the dense model into the pruned one with LoRA adapters, merged into "
+                             "the weights before export (the export stays a plain checkpoint); none: skip "
+                             "(default %(default)s)")
+    repair.add_argument("--recover-steps", type=int, default=defaults.recover_steps,
+                        help=f"LoRA steps of {RecoveryOptions.batch_size} sequences (default %(default)s; "
+                             f"{RECOVERY_COST})")
+    repair.add_argument("--recover-lr", type=float, default=defaults.recover_lr,
+                        help="LoRA learning rate (default %(default)s)")
+    repair.add_argument("--recover-rank", type=int, default=defaults.recover_rank,
+                        help="LoRA rank (default %(default)s)")
+    repair.add_argument("--recover-data", default=defaults.recover_data, metavar="self|PATH|self+PATH",
+                        help="self: chat replies the dense model writes to built-in instructions (no dataset "
+                             "needed); PATH: a text file or directory of .txt files; self+PATH: half each "
+                             "(default %(default)s)")
+    repair.add_argument("--recover-samples", type=int, default=defaults.recover_samples,
+                        help="sequences the recovery trains on (default %(default)s)")
+    repair.add_argument("--recover-seq-len", type=int, default=defaults.recover_seq_len,
+                        help="tokens per recovery sequence: an instruction and the dense model's reply "
+                             "(default %(default)s)")
     fit = parser.add_argument_group("fitting a memory or parameter budget (instead of --ratio)")
     fit.add_argument("--target-memory", default=None, metavar="SIZE",
                      help="choose the smallest ratio whose weights plus KV cache fit SIZE (" + SIZE_HELP + "); "
@@ -99,4 +138,9 @@ def options_from_args(args, *, max_model_len: int | None = None, max_seqs: int |
         protect_layers=args.protect_layers, allocation=args.allocation, min_keep=args.min_keep,
         target_memory=args.target_memory, target_params=args.target_params,
         max_model_len=max_model_len if fits_memory else None, max_seqs=max_seqs if fits_memory else None,
+        chat_template=resolve_chat_template(args.chat_template) if args.chat_template is not None else None,
+        reconstruct=args.reconstruct, recover=args.recover, recover_steps=args.recover_steps,
+        recover_lr=args.recover_lr, recover_rank=args.recover_rank,
+        recover_data=resolve_recovery_data(args.recover_data), recover_samples=args.recover_samples,
+        recover_seq_len=args.recover_seq_len,
     )

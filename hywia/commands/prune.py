@@ -22,7 +22,7 @@ def run(args) -> int:
                          "add --target-memory SIZE, or drop them")
     options = options_from_args(args, max_model_len=args.max_model_len, max_seqs=args.max_seqs)
     result = prune_to_directory(args.source, options, args.out, cache_dir=args.cache_dir,
-                                allow_pickle=args.allow_pickle)
+                                allow_pickle=args.allow_pickle, device=args.device)
     report = result.report
     if report.get("memory_fit"):
         print(report["memory_fit"]["explanation"])

@@ -223,15 +223,19 @@ def write_report(payload: dict, json_path: Path) -> None:
         if run["ratio"] == 0.0:
             continue
         per_step = run.get("recovery", {}).get("seconds_per_step")
+        flagged = "*" if run.get("recovery", {}).get("seconds_per_step_note") else ""
         for point in run["points"]:
             chat_right = point.get("chat", {}).get("right")
             chat_cell = "" if chat_right is None else f"{chat_right}/{point['chat']['total']}" + (
                 f" ({chat_right / dense_chat:.0%} of dense)" if dense_chat else "")
             lines.append(f"| {run['label']} | {run['ratio']:g} | {point['steps']} | {point['wikitext2']:.1f} "
-                         f"({run['windows']}) | {chat_cell} | {'' if per_step is None else f'{per_step:.1f}'} | "
-                         f"{run.get('data_and_teacher_seconds', 0):.0f} | {run['date']} |")
-    lines += ["", ("Peer (LLM-Pruner's code, same model and protocol, no recovery; issue 13): 205.4 at 21.08%, "
-              "1,266.9 at 49.99%."), "", "Commands:", ""]
+                         f"({run['windows']}) | {chat_cell} | {'' if per_step is None else f'{per_step:.1f}{flagged}'} | "
+                         f"{run.get('data_and_teacher_seconds') or 'cached'} | {run['date']} |")
+    notes = [f"\\* {r['recovery']['seconds_per_step_note']}" for r in runs
+             if r.get("recovery", {}).get("seconds_per_step_note")]
+    lines += ["", *notes, "", ("Peer (LLM-Pruner's code, same model, no recovery; issue 13) on the first 400 windows: "
+                               "205.4 at 21.08%, 1,266.9 at 49.99% (dense 55.54 there): rows with fewer windows "
+                               "compare with it only roughly."), "", "Commands:", ""]
     lines += [f"- `{command}` ({run['date']}; {run['machine']})"
               for command, run in {r["command"]: r for r in runs}.items()]
     json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")

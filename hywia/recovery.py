@@ -36,9 +36,10 @@ PEFT_INSTALL = "pip install 'peft>=0.21,<0.22' (a base dependency of hywia: rein
 
 @dataclass(frozen=True)
 class RecoveryOptions:
-    # Measured (benchmarks/results/recovery.md, SmolLM2 at 0.2, self data): 30 steps of 4 rows took chat
-    # 2 → 9 of 36 and WikiText-2 (100 windows) 238 → 216, still improving; a few minutes on 2 CPU cores.
-    steps: int = 30
+    # Measured (benchmarks/results/recovery.md; SmolLM2 at 0.2, self data, 4 rows a step, ~3.4 s a step on
+    # 2 CPU cores): WikiText-2 (100 windows) 238 → 216 / 197 / 198 / 202 and chat 2 → 9 / – / 14 / 16 of 36
+    # (dense 25) at 30 / 50 / 100 / 200 steps. 50 keeps a first start within minutes; more helps chat.
+    steps: int = 50
     lr: float = 1e-3
     rank: int = 16
     batch_size: int = 4

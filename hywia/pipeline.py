@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hywia import __version__
-from hywia.calibration import calibration_batch
 from hywia.budget import Allocator, Budget, allocator, protected_layers
 from hywia.cache import PACKAGE_DIR, cache_root, code_digest, content_key, move_aside, verify_manifest
+from hywia.calibration import calibration_batch
 from hywia.devices import MemoryMeter, resolve_device, source_dtype
 from hywia.export import REPORT_NAME, check_output_dir, write_export
 from hywia.importance import CRITERIA, ImportanceContext

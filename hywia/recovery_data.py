@@ -139,6 +139,10 @@ def self_replies(tokenizer, model, samples: int, seq_len: int, seed: int, batch_
 
 
 def _chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt as the served model will see it: through the chat template; a checkpoint with none
+    (a LLaMA-1/2 base model, served without --chat-template) continues the instruction as plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer(prompt + "\n", add_special_tokens=True).input_ids
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
     return tokenizer(text, add_special_tokens=False).input_ids

@@ -122,3 +122,15 @@ def test_recovery_options_are_validated_on_construction():
     with pytest.raises(HywiaError, match="--recover-rank 0"):
         PruneOptions(recover_rank=0)
     PruneOptions(recover="none", recover_rank=0)  # nothing to validate when recovery is off
+
+
+def test_recovery_of_a_checkpoint_without_a_chat_template_continues_plain_text(tiny_gqa_dir):
+    """LLaMA-1/2 base checkpoints ship no template: the default recovery must still have data to learn."""
+    from hywia.recovery_data import self_replies
+
+    loaded = load_model(str(tiny_gqa_dir))
+    loaded.tokenizer.chat_template = None
+    data = self_replies(loaded.tokenizer, loaded.model, samples=2, seq_len=96, seed=0, progress=False)
+    assert data.input_ids.shape == (2, 96) and data.trained_tokens > 0
+    first = loaded.tokenizer.decode(data.input_ids[0][data.attention_mask[0].bool()])
+    assert "<|im_start|>" not in first  # no chat markup without a template

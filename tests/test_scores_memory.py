@@ -93,6 +93,6 @@ def test_bfloat16_gradients_with_float32_sums_rank_units_like_float32():
             for kind in UNIT_KINDS:
                 assert b[kind].dtype == torch.float32
                 # rank agreement: bf16 keeps ~3 significant digits, enough to order units nearly alike
-                ranks = lambda x: x.argsort().argsort().double()  # noqa: E731
+                ranks = lambda x: x.argsort().argsort().double()
                 correlation = torch.corrcoef(torch.stack([ranks(a[kind]), ranks(b[kind])]))[0, 1]
                 assert correlation > 0.9, (name, kind, float(correlation))

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.shapes import (
     HEAD_DIM,
     LLAMA_1_7B,
+    LLAMA_2_7B,
     LLAMA_2_13B,
     LLAMA_2_70B,
-    LLAMA_2_7B,
     LLAMA_3_8B,
     SHAPES,
     TINYLLAMA_1_1B,

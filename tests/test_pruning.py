@@ -35,7 +35,8 @@ def calibration_file(tmp_path):
 
 
 def small_options(calibration_file, **overrides) -> PruneOptions:
-    fields = dict(ratio=0.3, calibration=calibration_file, samples=8, seq_len=32, recover="none")
+    # Plain slicing: these tests compare the export with the masked original (repair is tests/test_repair.py).
+    fields = dict(ratio=0.3, calibration=calibration_file, samples=8, seq_len=32, reconstruct="none", recover="none")
     fields.update(overrides)
     return PruneOptions(**fields)
 

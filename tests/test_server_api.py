@@ -70,8 +70,9 @@ def start(command: list[str], port: int, log_path: Path, timeout: float) -> Serv
 
 def tiny_server_options() -> list[str]:
     # Few, short calibration samples and no fusion training: the tiny model prunes in seconds.
+    # No repair either: these tests are about the API, and a re-fitted random model's greedy text is empty.
     return ["--engine", "torch", "--ratio", "0.2", "--importance", "fixed", "--samples", "4", "--seq-len", "32",
-            "--recover", "none"]
+            "--reconstruct", "none", "--recover", "none"]
 
 
 @pytest.fixture(scope="module", params=["torch", pytest.param("vllm", marks=pytest.mark.slow)])
@@ -93,7 +94,7 @@ def served(request, tmp_path_factory) -> Served:
         calibration = request.getfixturevalue("data_dir") / "calibration" / "gutenberg"
         command = serve_command(None, port, TEST_CACHE, "--engine", "vllm", "--ratio", "0.2",
                                 "--importance", "fixed", "--calibration", str(calibration), "--samples", "8",
-                                "--seq-len", "64", "--recover", "none", "--kv-cache-memory-bytes", "256MiB", "--max-model-len", "512",
+                                "--seq-len", "64", "--reconstruct", "none", "--recover", "none", "--kv-cache-memory-bytes", "256MiB", "--max-model-len", "512",
                                 "--serve-dense", "--enforce-eager")
         model, dense_model, timeout = "smollm2-135m-instruct-pruned20", "smollm2-135m-instruct", 1500
     process = start(command, port, work / "server.log", timeout)
@@ -156,8 +157,8 @@ def test_chat_usage_matches_tokenizer_and_max_tokens(served):
     response = served.client().chat.completions.create(model=served.model, messages=messages, max_tokens=12,
                                                        temperature=0)
     choice = response.choices[0]
-    assert choice.message.role == "assistant" and choice.message.content
-    assert choice.finish_reason == "length"
+    assert choice.message.role == "assistant" and choice.message.content is not None
+    assert choice.finish_reason == "length" and response.usage.completion_tokens == 12
     assert response.usage.prompt_tokens == chat_prompt_tokens(served.tokenizer, messages)
     assert response.usage.completion_tokens == 12
     assert response.usage.total_tokens == response.usage.prompt_tokens + 12
@@ -176,8 +177,9 @@ def test_completion_usage_matches_tokenizer(served):
 def test_stop_string_ends_the_text_before_it(served):
     prompt = "The history of the city begins"
     full = greedy_completion(served, prompt, max_tokens=24).choices[0].text
-    # A stop string that first occurs inside the text, not at its start.
-    start = next(i for i in range(2, len(full) - 2) if full.find(full[i:i + 2]) == i and full[i:i + 2].strip())
+    # A stop string that first occurs inside the text, not at its start; a random tiny model may repeat one
+    # token throughout, and then the stop string is the text's start (the reply is empty, finish 'stop').
+    start = next((i for i in range(2, len(full) - 2) if full.find(full[i:i + 2]) == i and full[i:i + 2].strip()), 0)
     stop = full[start:start + 2]
     response = greedy_completion(served, prompt, max_tokens=24, stop=[stop])
     assert response.choices[0].text == full[:start]

@@ -65,8 +65,10 @@ class ServerProcess:
                     on_health(status, body)
                 if status == 200:
                     return
+                # Long start-ups need no fine-grained polling once the port answers; until then keep it fine,
+                # so the first phases a fast start-up reports are not slept through.
+                poll_seconds = min(poll_seconds * 1.2, 2.0)
             time.sleep(poll_seconds)
-            poll_seconds = min(poll_seconds * 1.2, 2.0)  # long start-ups need no fine-grained polling
         raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
 
     def health(self) -> tuple[int | None, object]:

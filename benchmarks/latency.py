@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -40,19 +38,15 @@ from pathlib import Path
 
 import httpx
 
+from hywia.bench.loadgen import Target
 from hywia.bench.process import ServerProcess, free_port
-from hywia.bench.report import panel_figure
-from hywia.bench.vllm_load import peak_rss, run_vllm_bench, vllm_bench_arguments
+from hywia.bench.report import overhead_ratios, speedup_ratios, write_results
+from hywia.bench.vllm_load import Load, measure_rounds
 from hywia.sizes import parse_size
 
 log = logging.getLogger("latency")
 RESULTS = Path(__file__).resolve().parent / "results"
 PRUNED, DENSE, REFERENCE = "hywia pruned", "hywia dense", "vllm serve pruned"
-# Figures taken from vLLM's result dict: (key, column title, scale).
-FIGURES = (("output_throughput", "output tok/s", 1), ("median_ttft_ms", "TTFT p50 (ms)", 1),
-           ("p99_ttft_ms", "TTFT p99 (ms)", 1), ("median_tpot_ms", "TPOT p50 (ms)", 1),
-           ("p99_tpot_ms", "TPOT p99 (ms)", 1), ("median_e2el_ms", "E2E p50 (ms)", 1),
-           ("peak_rss_bytes", "peak RSS (MiB)", 2**-20))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,79 +119,9 @@ def start_hywia(args, label: str, ratio: float) -> tuple[Server, dict]:
     return Server(label, process, entry["model"], entry["directory"]), entry
 
 
-def measure(args, server: Server, concurrency: int, round_index: int) -> dict:
-    prompts = args.num_prompts or max(16, 2 * concurrency)
-    flags = vllm_bench_arguments(server.process.base_url, server.model, server.tokenizer, concurrency, prompts,
-                                 args.input_len, args.output_len, seed=round_index)
-    with peak_rss(server.process.process.pid) as peak:
-        result = run_vllm_bench(flags)
-    row = {"server": server.label, "concurrency": concurrency, "round": round_index, "peak_rss_bytes": peak[0],
-           **{key: result.get(key) for key in ("completed", "failed", "total_output_tokens", "duration")},
-           **{key: result.get(key) for key, _, _ in FIGURES if key != "peak_rss_bytes"}}
-    log.info("round %d, %s, concurrency %d: %.1f tok/s, TTFT p50 %.0f ms, TPOT p50 %.1f ms, %d failed",
-             round_index, server.label, concurrency, row["output_throughput"], row["median_ttft_ms"],
-             row["median_tpot_ms"], row["failed"])
-    return row
-
-
-def median_of(rows: list[dict], server: str, level: int, key: str) -> float:
-    return statistics.median(r[key] for r in rows if r["server"] == server and r["concurrency"] == level)
-
-
-def paired(rows: list[dict], first: str, second: str, level: int, key: str) -> list[float]:
-    """Per round, FIRST's figure over SECOND's (both measured in that round, under the same load)."""
-    by = {(r["server"], r["round"]): r[key] for r in rows if r["concurrency"] == level}
-    return [by[first, k] / by[second, k] for s, k in by if s == first and (second, k) in by]
-
-
-def ratio_notes(rows: list[dict], levels: list[int], weight_ratio: float, reference: bool) -> list[str]:
-    def span(values: list[float]) -> str:
-        return f"{statistics.median(values):.3f} (rounds {min(values):.3f}–{max(values):.3f})"
-
-    goal = 0.9 * weight_ratio
-    notes = [f"- Pruned/dense output throughput; goal ≥ 0.9 × weight-bytes ratio {weight_ratio:.3f} = {goal:.3f}:"]
-    for level in levels:
-        ratios = paired(rows, PRUNED, DENSE, level, "output_throughput")
-        verdict = "met" if statistics.median(ratios) >= goal else "NOT met"
-        notes.append(f"  - concurrency {level}: {span(ratios)} → {verdict}")
-    if reference:
-        notes.append("- hywia serve / vllm serve on the same export; goal: throughput ≥ 0.95, TTFT p50 ≤ 1.05:")
-        for level in levels:
-            throughput = paired(rows, PRUNED, REFERENCE, level, "output_throughput")
-            ttft = paired(rows, PRUNED, REFERENCE, level, "median_ttft_ms")
-            met = statistics.median(throughput) >= 0.95 and statistics.median(ttft) <= 1.05
-            notes.append(f"  - concurrency {level}: throughput {span(throughput)}, TTFT p50 {span(ttft)} → "
-                         f"{'met' if met else 'NOT met'}")
-    return notes
-
-
-def markdown_table(rows: list[dict], servers: list[str], levels: list[int]) -> list[str]:
-    lines = ["| server | conc. | " + " | ".join(title for _, title, _ in FIGURES) + " | failed |",
-             "|---|---|" + "---|" * (len(FIGURES) + 1)]
-    for server in servers:
-        for level in levels:
-            cells = [f"{median_of(rows, server, level, key) * scale:.1f}" for key, _, scale in FIGURES]
-            failed = sum(r["failed"] for r in rows if r["server"] == server and r["concurrency"] == level)
-            lines.append(f"| {server} | {level} | " + " | ".join(cells) + f" | {failed} |")
-    return lines
-
-
-def plot(rows: list[dict], servers: list[str], levels: list[int], path: Path, heading: str) -> None:
-    """Log-log: latency percentiles (p50 solid, p99 dashed) and throughput against concurrency."""
-    panels = (("TTFT (ms)", ("median_ttft_ms", "p99_ttft_ms")), ("TPOT (ms)", ("median_tpot_ms", "p99_tpot_ms")),
-              ("output tokens/s", ("output_throughput",)))
-    with panel_figure(len(panels), path, heading, height=4.5) as axes:
-        for axis, (title, keys) in zip(axes, panels):
-            for color, server in zip(("C0", "C1", "C2"), servers):
-                for key, style in zip(keys, ("-", "--")):
-                    name = "p99" if key.startswith("p99") else ("p50" if len(keys) > 1 else "")
-                    axis.plot(levels, [median_of(rows, server, level, key) for level in levels], style,
-                              color=color, marker="o", label=f"{server} {name}".strip())
-            axis.set_xscale("log")
-            axis.set_yscale("log")
-            axis.set_xticks(levels, [str(level) for level in levels])
-            axis.set_xlabel("concurrency")
-            axis.set_title(title)
+def target(server: Server) -> Target:
+    return Target(server.label, server.process.base_url, server.model, pid=server.process.process.pid,
+                  tokenizer=server.tokenizer)
 
 
 def main(argv=None) -> int:
@@ -216,11 +140,8 @@ def main(argv=None) -> int:
             port = free_port()
             process = start(args, REFERENCE, vllm_serve_command(args, port, entry["directory"], entry["model"]), port)
             servers.append(Server(REFERENCE, process, entry["model"], entry["directory"]))
-        rows = []
-        for round_index in range(args.rounds):
-            order = servers[round_index % len(servers):] + servers[:round_index % len(servers)]
-            for level in args.concurrency:
-                rows += [measure(args, server, level, round_index) for server in order]
+        load = Load(args.input_len, args.output_len, args.num_prompts, min_requests=16)
+        rows = measure_rounds([target(server) for server in servers], args.concurrency, args.rounds, load)
     finally:
         for server in servers:
             server.process.stop()
@@ -242,12 +163,11 @@ def main(argv=None) -> int:
          f"{'--enforce-eager' if args.enforce_eager else 'vLLM defaults (compiled)'}."),
         "Table: median over rounds; ratios: per round, then their median and range.",
     ]
-    markdown = [f"# {heading}", "", *preamble, "", *markdown_table(rows, labels, args.concurrency), "",
-                *ratio_notes(rows, args.concurrency, weight_ratio, not args.no_vllm_serve), ""]
-    args.out.with_suffix(".md").write_text("\n".join(markdown))
-    args.out.with_suffix(".json").write_text(json.dumps({"heading": heading, "preamble": preamble, "rows": rows,
-                                                         "weight_bytes_ratio": weight_ratio}, indent=1))
-    plot(rows, labels, args.concurrency, args.out.with_suffix(".png"), heading)
+    ratios = speedup_ratios(rows, PRUNED, DENSE, args.concurrency, weight_ratio)
+    if not args.no_vllm_serve:
+        ratios += overhead_ratios(rows, PRUNED, REFERENCE, args.concurrency)
+    write_results(rows, labels, args.concurrency, args.out, heading, preamble, ratios,
+                  extra={"weight_bytes_ratio": weight_ratio})
     log.info("wrote %s.{md,json,png}", args.out)
     return 0
 

@@ -1,10 +1,12 @@
-"""Latency load generator for OpenAI-compatible servers (this one, `vllm serve`, any other).
+"""Targets, their memory, and a small fixed-prompt load generator for OpenAI-compatible servers.
 
-Streams `/v1/completions` with a fixed prompt and a fixed output length (`ignore_eos`, which both
-this server and vLLM accept), `concurrency` requests at a time, and measures per request the time
-to first token (TTFT) and time per output token after it (TPOT), and overall the output tokens per
-second. Memory is sampled while the load runs: the resident memory of a process tree given by pid,
-or else what the server's /metrics says (its own and its child processes' resident memory).
+`Target` (a server and a model) and `target_memory` (a process tree's resident memory, or the server's
+/metrics) serve `hywia bench latency` and benchmarks/latency.py, whose load is vLLM's own benchmark
+(hywia.bench.vllm_load). `measure` streams `/v1/completions` with one fixed prompt and a fixed output
+length (`ignore_eos`), `concurrency` requests at a time, and measures per request the time to first
+token (TTFT) and time per output token after it (TPOT): a dependency-free check that a server streams
+complete answers under concurrency (the API tests use it), not a latency benchmark (every request
+after the first is served from the prefix cache).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Target:
     model: str
     api_key: str | None = None
     pid: int | None = None  # sample this process tree's memory; None: ask the server's /metrics
+    tokenizer: str | None = None  # what vLLM's benchmark tokenises its random prompts with (hywia.bench.vllm_load)
 
 
 @dataclass
@@ -167,15 +170,21 @@ class _MemoryProbe:
             await asyncio.sleep(_RSS_SAMPLE_SECONDS)
 
     def _read(self) -> int | None:
-        if self._target.pid is not None:
-            return process_tree_rss(self._target.pid)
-        try:
-            samples = scrape(self._target.base_url, self._target.api_key)
-        except OSError:
-            return None
-        total = samples.total("process_resident_memory_bytes") + samples.total(
-            "hywia_child_processes_resident_memory_bytes")
-        return int(total) if total else None
+        return target_memory(self._target)
+
+
+def target_memory(target: Target) -> int | None:
+    """Resident memory of a target now: its PID's process tree when given, or else what its /metrics
+    says (the server's own resident memory and its child processes'); None when neither answers."""
+    if target.pid is not None:
+        return process_tree_rss(target.pid)
+    try:
+        samples = scrape(target.base_url, target.api_key)
+    except OSError:
+        return None
+    total = samples.total("process_resident_memory_bytes") + samples.total(
+        "hywia_child_processes_resident_memory_bytes")
+    return int(total) if total else None
 
 
 def process_tree_rss(pid: int) -> int | None:
@@ -190,19 +199,3 @@ def process_tree_rss(pid: int) -> int | None:
         return total
     except psutil.Error:
         return None
-
-
-def requests_for(concurrency: int, requested: int | None) -> int:
-    """Enough requests that every concurrency level keeps its slots busy at least twice."""
-    return requested if requested is not None else max(8, 2 * concurrency)
-
-
-async def run_levels(targets: list[Target], levels: list[int], prompt: str, output_tokens: int,
-                     requests: int | None = None, warmup: int = 1) -> list[LoadResult]:
-    """Every target at every concurrency level, one after the other (never two loads at once)."""
-    results = []
-    for target in targets:
-        for level in levels:
-            result = await measure(target, prompt, output_tokens, level, requests_for(level, requests), warmup)
-            results.append(result)
-    return results

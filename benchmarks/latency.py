@@ -38,9 +38,9 @@ from pathlib import Path
 
 import httpx
 
-from hywia.bench.loadgen import Target
 from hywia.bench.process import ServerProcess, free_port
 from hywia.bench.report import overhead_ratios, speedup_ratios, write_results
+from hywia.bench.targets import Target
 from hywia.bench.vllm_load import Load, measure_rounds
 from hywia.sizes import parse_size
 

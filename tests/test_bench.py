@@ -15,14 +15,6 @@ import pytest
 API_KEY = "bench-key"
 
 
-def test_percentile_is_nearest_rank():
-    from hywia.bench.loadgen import percentile
-
-    values = [float(v) for v in range(1, 11)]
-    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (5.0, 10.0, 10.0)
-    assert percentile([3.0], 99) == 3.0
-
-
 def test_bench_targets_parse_or_say_why_not():
     from hywia.commands.bench import parse_target
     from hywia.errors import HywiaError

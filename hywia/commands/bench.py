@@ -72,7 +72,7 @@ def add_arguments(parser) -> None:
 
 def parse_target(text: str, api_key: str | None):
     """LABEL=URL,MODEL[,PID][,tokenizer=PATH] → a Target (its tokenizer None until resolve_tokenizer)."""
-    from hywia.bench.loadgen import Target
+    from hywia.bench.targets import Target
 
     label, _, rest = text.partition("=")
     parts = rest.split(",")

@@ -147,6 +147,11 @@ def test_serve_flags_keep_vllm_names_and_old_spellings(monkeypatch):
                                   "pipeline_parallel_size": 3}
     # Unset flags pass nothing: vLLM's own defaults apply (compiled mode, its memory share, …).
     assert engine_settings(parser.parse_args(["serve"]), "vllm").vllm_args == {}
+    # --dtype picks the export's dtype and, given explicitly, the dtype vLLM computes in (vLLM's own --dtype);
+    # `auto` leaves vLLM's choice. The torch engine takes it too (it only shapes the export there).
+    assert engine_settings(parser.parse_args(["serve", "--dtype", "float32"]), "vllm").vllm_args == {"dtype": "float32"}
+    assert "dtype" not in engine_settings(parser.parse_args(["serve", "--dtype", "auto"]), "vllm").vllm_args
+    assert engine_settings(parser.parse_args(["serve", "--dtype", "bfloat16"]), "torch").vllm_args == {}
     old = parser.parse_args(["serve", "--model-name", "m", "--kv-cache-bytes", "1GB"])
     assert (old.served_model_name, old.kv_cache_memory_bytes) == ("m", 10**9)
     assert old.deprecated_flags == [("--model-name", "--served-model-name"),
@@ -317,3 +322,18 @@ def test_tensor_parallel_serving_prunes_to_shardable_attention(tmp_path):
     assert kept and all(k % 2 == 0 and k > 0 for k in kept)
     config = json.loads((export.directory / "config.json").read_text())
     assert config["num_key_value_heads"] % 2 == 0 and config["num_attention_heads"] % 2 == 0
+
+
+def test_memory_freed_by_pruning_goes_back_to_the_system():
+    """glibc keeps freed heap pages below a live allocation mapped; the server trims them after pruning."""
+    from server.startup import return_freed_memory
+
+    chunks, pins = [], []
+    for _ in range(2000):  # 64 KiB blocks come from the heap (below glibc's mmap threshold), each pinned by a
+        chunks.append(bytearray(64 << 10))  # small live block after it, so free() alone cannot shrink the heap
+        pins.append(bytearray(64))
+    for chunk in chunks:
+        chunk[::4096] = b"x" * len(chunk[::4096])  # touch every page: resident, not just reserved
+    del chunks
+    assert return_freed_memory() >= 64 << 20  # of the 125 MiB freed
+    assert len(pins) == 2000

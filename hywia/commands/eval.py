@@ -20,7 +20,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 def add_arguments(parser) -> None:
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL_OR_EXPORT",
                         help="HF directory, export directory, .gguf file, hub id, or the built-in default "
-                             "(when omitted)")
+                             "(when omitted); with --base-url: the served model's id (when omitted: the only "
+                             "one the server lists)")
     parser.add_argument("--tasks", default="all",
                         help="comma-separated: wikitext2,ptb,piqa,boolq,winogrande,arc_easy,arc_challenge,"
                              "openbookqa, or 'all' (default)")
@@ -40,6 +41,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cache-dir", default=None, help="hywia cache (default: $HYWIA_CACHE_DIR or ~/.cache/hywia)")
     parser.add_argument("--harness", action="store_true",
                         help="hand the model to lm-evaluation-harness (lm_eval) instead of the built-in evaluator")
+    parser.add_argument("--base-url", default=None, metavar="URL",
+                        help="score a running server (hywia serve, vllm serve; e.g. http://127.0.0.1:8000) with "
+                             "lm-eval's local-completions model, on task files written from --data-dir: the same "
+                             "items and prompts as the built-in evaluator (implies --harness; OPENAI_API_KEY is "
+                             "sent as the key)")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="with --base-url: the served model's tokenizer directory (default: the checkpoint "
+                             "directory the server lists in /v1/models, when it is on this machine)")
+    parser.add_argument("--task-files", default=None, metavar="DIR",
+                        help="with --base-url: write the harness task files (hywia_<task>.yaml) here and keep them, "
+                             "for `lm_eval --include_path DIR` (default: a temporary folder)")
 
 
 def run(args) -> int:
@@ -56,7 +68,9 @@ def run(args) -> int:
         "hywia_version": __version__, "dtype": args.dtype, "device": args.device,
     }
     started = time.perf_counter()
-    if args.harness:
+    if args.base_url:
+        payload, table = _run_served_harness(args, task_names, limits)
+    elif args.harness:
         payload, table = _run_harness(args, task_names, limits)
     else:
         payload = _run_builtin(args, task_names, limits)
@@ -87,20 +101,49 @@ def _run_harness(args, task_names: list[str], limits: dict) -> tuple[dict, str]:
     from hywia.models import resolve_source
 
     import_lm_eval()  # fail before resolving (and maybe converting) the model
+    limit = _one_limit(limits)
+    resolved = resolve_source(args.model, cache_dir=args.cache_dir)
+    output = run_harness(resolved.directory, task_names, limit, args.batch_size, args.dtype, args.device)
+    return {"model": resolved.source, "model_directory": str(resolved.directory), **output}, \
+        format_harness_table(output)
+
+
+def _run_served_harness(args, task_names: list[str], limits: dict) -> tuple[dict, str]:
+    from hywia.evaluation.harness import (
+        format_harness_table,
+        import_lm_eval_api,
+        run_served_harness,
+        served_model,
+    )
+
+    import_lm_eval_api()  # fail before asking the server anything
+    limit = _one_limit(limits)
+    data_dir = _data_dir(args.data_dir)
+    card = served_model(args.base_url, args.model, os.environ.get("OPENAI_API_KEY"))
+    tokenizer = args.tokenizer or card.root
+    if not tokenizer or not Path(tokenizer).is_dir():
+        where = f"{tokenizer} is not a folder on this machine" if tokenizer else "the server lists no checkpoint folder"
+        raise HywiaError(f"no tokenizer directory for {card.model_id} ({where})",
+                         "pass --tokenizer DIR: the served model's tokenizer, which lm-eval needs to split each "
+                         "context from its continuation")
+    output = run_served_harness(args.base_url, card.model_id, tokenizer, task_names, data_dir, limit,
+                                args.batch_size, card.max_model_len or 2048, task_dir=args.task_files)
+    return {"model": card.model_id, "base_url": args.base_url, "tokenizer": str(tokenizer),
+            "data_dir": str(data_dir), **output}, format_harness_table(output)
+
+
+def _one_limit(limits: dict) -> int | None:
     distinct_limits = set(limits.values())
     if len(distinct_limits) > 1:
         raise HywiaError("--harness takes one --limit for all tasks", "write e.g. --limit 200")
-    resolved = resolve_source(args.model, cache_dir=args.cache_dir)
-    output = run_harness(resolved.directory, task_names, distinct_limits.pop(), args.batch_size, args.dtype,
-                         args.device)
-    return {"model": resolved.source, "model_directory": str(resolved.directory), **output}, \
-        format_harness_table(output)
+    return distinct_limits.pop()
 
 
 def _command_line(args) -> str:
     """The command that reproduces this run, spelled out with every option's value."""
     words = ["hywia", "eval"] + ([args.model] if args.model else [])
-    for option in ("tasks", "data_dir", "limit", "seq_len", "batch_size", "batch_tokens", "dtype", "device", "output"):
+    for option in ("tasks", "data_dir", "limit", "seq_len", "batch_size", "batch_tokens", "dtype", "device", "output",
+                   "base_url", "tokenizer", "task_files"):
         value = getattr(args, option)
         if value is not None:
             words += [f"--{option.replace('_', '-')}", str(value)]

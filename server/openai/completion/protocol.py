@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from server.openai.protocol import MAX_LOGPROBS, ChoiceBase, CompletionResponseBase, SamplingRequest
+from server.openai.protocol import (
+    MAX_LOGPROBS,
+    MAX_TOKENS_LIMIT,
+    ChoiceBase,
+    CompletionResponseBase,
+    SamplingRequest,
+)
 
 
 class CompletionRequest(SamplingRequest):
@@ -17,6 +23,9 @@ class CompletionRequest(SamplingRequest):
     # An integer, as in OpenAI's legacy API: the alternatives per token (0: the chosen token's only).
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt comes back before the completion (with its logprobs, if asked)
+    # 0 is allowed with echo (OpenAI's legacy scoring form, as vLLM allows it): the prompt and its
+    # logprobs come back and nothing generated; the engine still runs one step, which usage counts.
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
 
     @field_validator("prompt")
     @classmethod
@@ -24,6 +33,22 @@ class CompletionRequest(SamplingRequest):
         if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
             raise ValueError("prompt must not be an empty list")
         return value
+
+    @model_validator(mode="after")
+    def _zero_max_tokens_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing and returns nothing; it is allowed only with echo "
+                             "(to score the prompt); ask for at least 1 token otherwise")
+        return self
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the response holds the prompt only (its text and logprobs)."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return 1 if self.echo_only else self.max_tokens
 
     @property
     def prompts(self) -> list[str | list[int]]:

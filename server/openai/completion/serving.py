@@ -72,6 +72,11 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> Complet
         top_logprobs=[None if entry.logprob is None else dict(entry.top) for entry in entries])
 
 
+def _generated(body: CompletionRequest, produced):
+    """What the engine produced, or nothing of it (empty, same type) for echo with max_tokens 0."""
+    return produced[:0] if body.echo_only else produced
+
+
 class CompletionServing(shared.OpenAIServing):
     async def create(self, http_request: Request, body: CompletionRequest) -> Response | CompletionResponse:
         prepared = await self.prepare(http_request, body, body.prompts, completion_prompt_ids, "prompt", "cmpl")
@@ -82,9 +87,10 @@ class CompletionServing(shared.OpenAIServing):
         return CompletionResponse(
             **prepared.response_fields(), usage=prepared.generation.usage,
             choices=[CompletionChoice(
-                index=index, text=echo.text(index) + result.text, finish_reason=result.finish_reason,
+                index=index, text=echo.text(index) + _generated(body, result.text),
+                finish_reason=result.finish_reason,
                 logprobs=None if body.logprobs is None else completion_logprobs(
-                    echo.logprobs(index, result.prompt_logprobs) + result.logprobs))
+                    echo.logprobs(index, result.prompt_logprobs) + _generated(body, result.logprobs)))
                 for index, result in results.items()])
 
     @staticmethod
@@ -95,8 +101,9 @@ class CompletionServing(shared.OpenAIServing):
         async with aclosing(prepared.generation.stream()) as deltas:
             async for delta in deltas:
                 first = delta.index not in sent
-                text = (echo.text(delta.index) if first else "") + delta.text
-                entries = (echo.logprobs(delta.index, delta.prompt_logprobs) if first else []) + list(delta.logprobs)
+                text = (echo.text(delta.index) if first else "") + _generated(body, delta.text)
+                entries = ((echo.logprobs(delta.index, delta.prompt_logprobs) if first else [])
+                           + _generated(body, list(delta.logprobs)))
                 logprobs = None if body.logprobs is None else completion_logprobs(entries, sent.get(delta.index, 0))
                 sent[delta.index] = sent.get(delta.index, 0) + len(text)
                 yield CompletionResponse(**fields, choices=[CompletionChoice(

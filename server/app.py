@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -101,7 +102,7 @@ def create_app(config: ServeConfig, access: AccessPolicy | None = None, limits: 
 
     @app.get("/v1/models", dependencies=api)
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=m.model_id, created=m.created, root=str(m.directory),
+        return ModelList(data=[ModelCard(id=m.model_id, created=m.created, root=str(Path(m.directory).resolve()),
                                          max_model_len=m.engine.max_model_len) for m in state.registry.all()])
 
     app.include_router(chat_router, dependencies=api)

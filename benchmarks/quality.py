@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
 import torch
-from _common import calibration_source, grid_cells, grid_parser, missing_runs, numbers, write_json
+from _common import calibration_source, grid_cells, grid_parser, missing_runs, names, numbers, write_json
 
 from hywia.evaluation.results import average_accuracy, average_chance, retention_report
 from hywia.evaluation.suite import EvalOptions, evaluate
@@ -44,13 +44,23 @@ from hywia.pipeline import prepare_export
 
 log = logging.getLogger("quality")
 
-# "-recipe": the criterion with LLM-Pruner's layer recipe (the first 4 and the last 2 layers kept whole,
-# the rest sharing the removal), as LLM-Pruner is published; the other methods share the uniform layout.
+# A method is a criterion and a layout: the bare name is the uniform layout; "-recipe" is LLM-Pruner's
+# layer recipe (the first 4 and the last 2 layers kept whole, the rest sharing the removal), as LLM-Pruner
+# is published; "-global" ranks units across layers (hywia.budget, ≥ 10% of each layer kept); "-global-ends"
+# is global allocation with the first 2 and the last 2 layers kept whole.
 METHODS = ("hybrid", "fine", "coarse", "fixed", "llm-pruner", "magnitude", "random",
-           "hybrid-recipe", "llm-pruner-recipe")
-LAYER_RECIPE = {"layout": "per-layer", "protect_layers": "first:4,last:2"}
+           "hybrid-recipe", "llm-pruner-recipe", "hybrid-global", "hybrid-global-ends", "fixed-global")
+LAYOUT_SUFFIXES = {
+    "-recipe": {"layout": "per-layer", "allocation": "even", "protect_layers": "first:4,last:2"},
+    "-global-ends": {"layout": "per-layer", "allocation": "global", "protect_layers": "first:2,last:2"},
+    "-global": {"layout": "per-layer", "allocation": "global"},
+}
+# Measured elsewhere with LLM-Pruner's own code on the same model and protocol (WikiText-2, first 400
+# windows of 128 tokens): issue 13's reference rows. Keys: ratio → perplexity.
+PEER_PERPLEXITY = {0.0: 55.54, 0.2108: 205.4, 0.4999: 1266.9}
 GRADIENT_FREE = ("magnitude", "random")  # their export ignores the calibration text: pruned once per ratio
-RIVALS = {"hybrid": ("fine", "coarse", "llm-pruner"), "hybrid-recipe": ("llm-pruner-recipe",)}  # the goals
+RIVALS = {"hybrid": ("fixed", "fine", "coarse", "llm-pruner"), "hybrid-recipe": ("llm-pruner-recipe",),
+          "hybrid-global": ("fixed-global",)}  # the goals
 CALIBRATIONS = {"self": "self", "gutenberg": "calibration/gutenberg"}  # label → 'self' or a path in --data-dir
 TASK_ORDER = ("wikitext2", "ptb", *ZERO_SHOT_TASKS)
 # Fixed slices (the first N windows / items of each file); quality.md states what a run used. Sizing:
@@ -69,7 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", help="calibration seeds; tables show the mean and the range")
     parser.add_argument("--samples", type=int, default=PruneOptions.samples, help="calibration sequences")
     parser.add_argument("--calibration-seq-len", type=int, default=PruneOptions.seq_len)
+    parser.add_argument("--tasks", default=",".join(TASK_ORDER), help="evaluation tasks, from " + ", ".join(TASK_ORDER))
     parser.add_argument("--limit", default=DEFAULT_LIMITS, help="evaluation slices, as `hywia eval --limit`")
+    parser.add_argument("--reconstruct", default=PruneOptions.reconstruct, help="as `hywia prune --reconstruct`")
+    parser.add_argument("--recover", default=PruneOptions.recover, help="as `hywia prune --recover`")
+    parser.add_argument("--recover-steps", type=int, default=PruneOptions.recover_steps)
     parser.add_argument("--seq-len", type=int, default=128, help="perplexity window")
     parser.add_argument("--batch-size", type=int, default=64, help="at most this many sequences per forward pass")
     parser.add_argument("--cache-dir", default=None, help="hywia cache (exports are reused from there)")
@@ -95,10 +109,12 @@ def planned_runs(args) -> list[dict]:
 
 
 def method_fields(method: str) -> dict:
-    """The PruneOptions fields a grid method stands for."""
-    if method.endswith("-recipe"):
-        return {"importance": method.removesuffix("-recipe"), **LAYER_RECIPE}
-    return {"importance": method}
+    """The PruneOptions fields a grid method stands for (the layout always explicit, so a change of the
+    package's default layout does not change what a method name means)."""
+    for suffix, layout in LAYOUT_SUFFIXES.items():
+        if method.endswith(suffix):
+            return {"importance": method.removesuffix(suffix), **layout}
+    return {"importance": method, "layout": "uniform", "allocation": "even"}
 
 
 def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
@@ -108,7 +124,9 @@ def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
     if run["method"] != "dense":
         calibration = calibration_source(run["calibration"], args.data_dir, CALIBRATIONS)
         options = PruneOptions(ratio=run["ratio"], calibration=calibration, samples=args.samples,
-                               seq_len=args.calibration_seq_len, seed=run["seed"], **method_fields(run["method"]))
+                               seq_len=args.calibration_seq_len, seed=run["seed"], reconstruct=args.reconstruct,
+                               recover=args.recover, recover_steps=args.recover_steps,
+                               **method_fields(run["method"]))
         export = prepare_export(resolve_source(args.model, args.cache_dir), options, cache_dir=args.cache_dir)
         report = export.report
         details = report.get("importance_details") or {}
@@ -135,10 +153,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.output_dir / "quality.json"
-    limits = parse_limits(args.limit, list(TASK_ORDER))
+    limits = parse_limits(args.limit, names(args.tasks, TASK_ORDER))
     settings = {"model": args.model, "model_digest": resolve_source(args.model, args.cache_dir).digest,
                 "limits": limits, "seq_len": args.seq_len, "samples": args.samples,
-                "calibration_seq_len": args.calibration_seq_len}
+                "calibration_seq_len": args.calibration_seq_len, "reconstruct": args.reconstruct,
+                "recover": args.recover, "recover_steps": args.recover_steps if args.recover != "none" else 0}
     saved = json.loads(json_path.read_text()) if json_path.exists() and not args.fresh else {}
     if args.report_only:
         if not saved:
@@ -166,7 +185,7 @@ def main(argv=None) -> int:
 def run_grid(args, payload: dict, json_path: Path) -> None:
     """Every planned run not in payload["runs"] yet; the JSON is rewritten after each one."""
     limits = payload["settings"]["limits"]
-    eval_options = EvalOptions(tasks=list(TASK_ORDER), data_dir=Path(args.data_dir), limits=limits,
+    eval_options = EvalOptions(tasks=list(limits), data_dir=Path(args.data_dir), limits=limits,
                                seq_len=args.seq_len, batch_size=args.batch_size)
     started, earlier = time.perf_counter(), payload["grid_seconds"]  # a resumed grid counts both invocations
     plan = planned_runs(args)
@@ -215,7 +234,7 @@ def write_markdown(payload: dict, path: Path) -> None:
     lines = header_lines(payload, tasks, dense)
     for ratio in sorted({key[1] for key in groups if key[1] > 0}):
         lines += [f"## Ratio {ratio:g}", ""] + ratio_table(groups, ratio, tasks, dense) + [""]
-    lines += goal_lines(groups, dense) + [""]
+    lines += goal_lines(groups, dense) + default_goal_lines(groups, payload["settings"]) + [""]
     missing = missing_runs(recorded_commands(payload), payload["runs"], parse_args, planned_runs)
     if missing:
         lines += [f"Not run yet (planned by the commands above; re-running them resumes): {', '.join(missing)}.", ""]
@@ -247,6 +266,9 @@ def header_lines(payload: dict, tasks: list[str], dense: dict | None) -> list[st
          "lm-evaluation-harness scores it; headline metric acc (acc_norm for ARC-c, OBQA)"),
         (f"- calibration: {settings['samples']} × {settings['calibration_seq_len']} tokens; 'self' = text the "
          "model writes, 'gutenberg' = ../shared/data/calibration/gutenberg; magnitude and random use none"),
+        (f"- repair after cutting: --reconstruct {settings.get('reconstruct', 'none')}, --recover "
+         f"{settings.get('recover', 'none')}"
+         + (f" ({settings['recover_steps']} steps)" if settings.get("recover", "none") != "none" else "")),
         ("- retention = above-chance retention of the average headline accuracy, "
          "(pruned − chance) / (dense − chance), chance = mean of 1/choices"),
         "",
@@ -287,6 +309,48 @@ def ratio_table(groups: dict, ratio: float, tasks: list[str], dense: dict | None
         row = [key[0], key[2] or "–", cell([run.get("ratio_achieved", 0.0) for run in members], 3), *values,
                cell([metric(run, "average") for run in members], 3), cell(retention, 3)]
         lines.append("| " + " | ".join(row) + " |")
+    if ratio in PEER_PERPLEXITY and "wikitext2" in tasks:
+        cells = [f"{PEER_PERPLEXITY[ratio]:.2f}" if name == "wikitext2" else "–" for name in tasks]
+        lines.append("| LLM-Pruner (its own code, measured elsewhere; 400 windows) | 10 × 64 tokens | "
+                     f"{ratio:.3f} | " + " | ".join(cells) + " | – | – |")
+    return lines
+
+
+def default_method() -> str | None:
+    """The grid method that is `hywia prune`'s default configuration (criterion and layout), if any."""
+    defaults = PruneOptions()
+    for method in METHODS:
+        fields = {"protect_layers": None, "allocation": "even", **method_fields(method)}
+        if all(getattr(defaults, name) == value for name, value in fields.items()):
+            return method
+    return None
+
+
+# The perplexity goals of issues 13 and 14 for the default configuration: (ratio, ceiling, what it is).
+PERPLEXITY_GOALS = ((0.2108, 144.0, "issue 13: 0.7× the peer's excess log-perplexity"),
+                    (0.2108, 89.0, "issue 13's aim: FLAP's margin over LLM-Pruner"),
+                    (0.4999, 507.0, "issue 13: 0.7× the peer's excess log-perplexity"),
+                    (0.4999, 210.0, "issue 13's aim"),
+                    (0.2, 111.0, "issue 14: 2× dense"),
+                    (0.5, 317.0, "issue 14: 0.25× the peer"))
+
+
+def default_goal_lines(groups: dict, settings: dict) -> list[str]:
+    """Each perplexity goal against the mean over seeds of the default method at that ratio."""
+    method = default_method()
+    lines = []
+    for ratio, ceiling, source in PERPLEXITY_GOALS:
+        for (name, run_ratio, calibration), members in sorted(groups.items(), key=str):
+            if name != method or abs(run_ratio - ratio) > 1e-9:
+                continue
+            values = [metric(run, "wikitext2") for run in members]
+            values = [v for v in values if v is not None]
+            if values:
+                mean = sum(values) / len(values)
+                lines.append(f"- default configuration ({method}, {calibration}, reconstruct "
+                             f"{settings.get('reconstruct', 'none')}, recover {settings.get('recover', 'none')}) "
+                             f"r{ratio:g}: WikiText-2 {mean:.1f} over {len(values)} seed(s) vs ≤ {ceiling:g} ({source}): "
+                             f"**{'met' if mean <= ceiling else 'not met'}**")
     return lines
 
 

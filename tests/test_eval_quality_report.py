@@ -45,16 +45,21 @@ def payload():
                          "samples": 32, "calibration_seq_len": 128}}
 
 
-def test_the_default_grid_is_dense_plus_32_runs(quality):
+def test_the_default_grid_is_dense_plus_44_runs(quality):
     runs = quality.planned_runs(quality.parse_args([]))
-    # 2 ratios × (2 calibrations × 7 calibrated methods + magnitude and random once)
-    assert runs[0]["method"] == "dense" and len(runs) == 1 + 2 * (2 * 7 + 2)
+    # 2 ratios × (2 calibrations × 10 calibrated methods + magnitude and random once)
+    assert runs[0]["method"] == "dense" and len(runs) == 1 + 2 * (2 * 10 + 2)
     gradient_free = [run for run in runs if run["method"] in ("magnitude", "random")]
     assert {run["calibration"] for run in gradient_free} == {"none"} and len(gradient_free) == 4
     assert len({run["key"] for run in runs}) == len(runs)
+    # every method names its layout explicitly, so a change of the package default leaves it meaning the same
     assert quality.method_fields("llm-pruner-recipe") == {"importance": "llm-pruner", "layout": "per-layer",
-                                                          "protect_layers": "first:4,last:2"}
-    assert quality.method_fields("coarse") == {"importance": "coarse"}
+                                                          "allocation": "even", "protect_layers": "first:4,last:2"}
+    assert quality.method_fields("coarse") == {"importance": "coarse", "layout": "uniform", "allocation": "even"}
+    assert quality.method_fields("hybrid-global-ends") == {"importance": "hybrid", "layout": "per-layer",
+                                                           "allocation": "global", "protect_layers": "first:2,last:2"}
+    assert quality.method_fields("hybrid-global") == {"importance": "hybrid", "layout": "per-layer",
+                                                      "allocation": "global"}
 
 
 def test_report_states_retention_and_checks_the_goals(quality, tmp_path):
@@ -74,3 +79,19 @@ def test_plots_are_written(quality, tmp_path):
     quality.plot_ratio_curves(payload(), tmp_path / "ratio.png")
     quality.plot_alpha(payload(), tmp_path / "alpha.png")
     assert (tmp_path / "ratio.png").stat().st_size > 10_000 and (tmp_path / "alpha.png").stat().st_size > 5_000
+
+
+def test_report_checks_the_default_configurations_perplexity_goals_and_shows_the_peer(quality, tmp_path):
+    data = payload()
+    default = quality.default_method()
+    assert default is not None  # the package default is one of the grid's methods
+    for seed, ppl in ((0, 130.0), (1, 150.0), (2, 140.0)):  # mean 140: under 144, over 111 and 89
+        key, run = fake_run(default, 0.2108, "self", ppl, {"piqa": (0.6, 0.5), "arc_easy": (0.45, 0.25)}, seed)
+        data["runs"][key] = run
+    path = tmp_path / "quality.md"
+    quality.write_markdown(data, path)
+    text = path.read_text()
+    assert f"default configuration ({default}, self" in text
+    assert "r0.2108: WikiText-2 140.0 over 3 seed(s) vs ≤ 144 (issue 13: 0.7× the peer's excess log-perplexity): **met**" in text
+    assert "r0.2108: WikiText-2 140.0 over 3 seed(s) vs ≤ 89 (issue 13's aim: FLAP's margin over LLM-Pruner): **not met**" in text
+    assert "| LLM-Pruner (its own code, measured elsewhere; 400 windows) | 10 × 64 tokens | 0.211 | 205.40 |" in text

@@ -35,14 +35,17 @@ class PruneOptions:
     samples: int = 32
     seq_len: int = 128
     seed: int = 0
-    layout: str = "uniform"
+    # Per-layer widths with global allocation by default: measured best (benchmarks/results/layouts400.md);
+    # its export needs this package's vLLM plugin, which `hywia serve` always has. `uniform` exports the
+    # stock LlamaForCausalLM, for a vLLM without the plugin.
+    layout: str = "per-layer"
     align_heads: int = 1
     align_mlp: int = 1
     dtype: str = "auto"  # of the exported weights; auto: the source's (a bf16 model stays bf16)
     normalize: str = "rank"
     # --layout per-layer: layers kept whole ("first:K,last:M"), and how the others share the removal.
     protect_layers: str | None = None
-    allocation: str = "even"
+    allocation: str | None = None  # None: the layout's own ('global' for per-layer, 'even' for uniform)
     min_keep: float = 0.1  # global allocation: fraction of each layer's units of each kind kept at least
     # --target-memory SIZE / --target-params N: the smallest ratio that fits (hywia.memory_fit), for the
     # workload the model is served with (None: the model's context length, one sequence).
@@ -65,6 +68,8 @@ class PruneOptions:
     recover_seq_len: int = 128  # its own: self replies need room for the prompt and a reply
 
     def __post_init__(self) -> None:
+        if self.allocation is None:  # resolved here, so the cache key and the report hold the real choice
+            object.__setattr__(self, "allocation", "global" if self.layout == "per-layer" else "even")
         validate_ratio(self.ratio)
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
@@ -105,12 +110,12 @@ class PruneOptions:
             if self.protect_layers or self.allocation != "even":
                 given = "--protect-layers" if self.protect_layers else f"--allocation {self.allocation}"
                 raise HywiaError(f"{given} gives layers different widths, which the uniform layout cannot",
-                                 "add --layout per-layer")
+                                 "drop --layout uniform (per-layer is the default)")
             return
         if not self.protect_layers and self.allocation == "even":
-            raise HywiaError("--layout per-layer needs --protect-layers first:K,last:M or --allocation global "
-                             "(otherwise every layer keeps the same and the layout is uniform)",
-                             "e.g. --protect-layers first:4,last:2 (LLM-Pruner's recipe)")
+            raise HywiaError("--allocation even needs --protect-layers first:K,last:M (otherwise every layer "
+                             "keeps the same widths, which is --layout uniform)",
+                             "e.g. --protect-layers first:4,last:2 (LLM-Pruner's recipe), or --allocation global")
         if self.protect_layers:
             parse_protected_layers(self.protect_layers)
         if not 0 <= self.min_keep < 1 or math.isnan(self.min_keep):

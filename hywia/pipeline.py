@@ -94,9 +94,10 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
                                 normalize=options.normalize, progress=progress)
     importance = None
     if options.allocation == "global":
-        if not criterion.needs_keep:
-            importance = criterion.score(stats, context)
-        comparable = criterion.comparable(stats, importance and importance.scores, shapes, options.normalize)
+        with meter.stage("importance"):  # the scores first: global allocation ranks units by them
+            if not criterion.needs_keep:
+                importance = criterion.score(stats, context)
+            comparable = criterion.comparable(stats, importance and importance.scores, shapes, options.normalize)
         allocate = allocator(budget, comparable)
         ratio, fit = _ratio(options, config, allocate, export_dtype(options, loaded))
         keep = allocate(ratio)

@@ -24,13 +24,14 @@ def greedy(llm, prompts, max_tokens=24):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "open defect found 2026-12-02: with this session's pipeline (reconstruction on, new fusion keys) vLLM's "
-    "greedy reply to the default export was empty on a clean clone, while transformers answers 'The capital of "
-    "France is the French.' from the same files; not yet explained (see the session note)"))
+    "open quality defect (issues 13/14), not vLLM's: without recovery the 20% default model sometimes ends its "
+    "turn at once (an empty reply), with transformers as with vLLM (2026-12-02 session note); the test passes "
+    "when the model answers both prompts in words"))
 def test_vllm_serves_the_pruned_default_model_coherently(pruned_default_export):
     export = pruned_default_export.directory
     config = json.loads((export / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == 2
+    # the default layout: per-layer widths, loaded by vLLM through hywia's plugin
+    assert config["architectures"] == ["HywiaLlamaForCausalLM"] and len(set(config["layer_intermediate_size"])) > 1
     tokenizer = AutoTokenizer.from_pretrained(export)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
                for q in ("What is the capital of France?", "Write one sentence about the sea.")]

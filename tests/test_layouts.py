@@ -34,7 +34,7 @@ CALIBRATION_TEXT = "It was the best of times, it was the worst of times, it was 
 LAYERS = 6
 RATIO = 0.3
 MODES = {
-    "protect": {"layout": "per-layer", "protect_layers": "first:1,last:1"},
+    "protect": {"layout": "per-layer", "allocation": "even", "protect_layers": "first:1,last:1"},
     "global": {"layout": "per-layer", "allocation": "global", "min_keep": 0.25},
 }
 
@@ -211,13 +211,21 @@ def test_a_target_the_dense_model_meets_prunes_nothing(source, calibration, tmp_
 
 
 def test_a_target_no_ratio_meets_is_refused_before_calibration(source, tmp_path):
-    # A calibration file far too short: had the pipeline calibrated, that would be the error.
+    # A calibration file far too short: had the pipeline calibrated, that would be the error. (Even widths
+    # are known before any score; global allocation needs the scores, so it refuses after them: below.)
     short = tmp_path / "short.txt"
     short.write_text("too short")
     loaded = load_model(str(source))
     with pytest.raises(HywiaError, match="no pruning ratio up to 0.78") as refusal:
-        prune_model(loaded, PruneOptions(importance="fine", calibration=str(short), target_params="1000"),
-                    progress=False)
+        prune_model(loaded, PruneOptions(importance="fine", calibration=str(short), target_params="1000",
+                                         layout="uniform"), progress=False)
+    assert refusal.value.fix == "raise --target-params"
+
+
+def test_a_target_global_allocation_cannot_meet_is_refused_with_its_limit(source, calibration):
+    loaded = load_model(str(source))
+    with pytest.raises(HywiaError, match=r"no pruning ratio up to 0\.\d+ \(the most hywia removes") as refusal:
+        prune_model(loaded, options(calibration, target_params="1000"), progress=False)
     assert refusal.value.fix == "raise --target-params"
 
 
@@ -228,9 +236,9 @@ def test_a_target_no_ratio_meets_is_refused_before_calibration(source, tmp_path)
     ({"layout": "per-layer", "protect_layers": "first:1,first:2"}, "cannot read --protect-layers"),
     ({"layout": "per-layer", "protect_layers": "middle:3"}, "cannot read --protect-layers"),
     ({"layout": "per-layer", "protect_layers": "first:0,last:0"}, "protects no layer"),
-    ({"protect_layers": "first:4,last:2"}, "add --layout per-layer"),
-    ({"allocation": "global"}, "add --layout per-layer"),
-    ({"layout": "per-layer"}, "needs --protect-layers first:K,last:M or --allocation global"),
+    ({"layout": "uniform", "protect_layers": "first:4,last:2"}, "which the uniform layout cannot"),
+    ({"layout": "uniform", "allocation": "global"}, "which the uniform layout cannot"),
+    ({"layout": "per-layer", "allocation": "even"}, "--allocation even needs --protect-layers first:K,last:M"),
     ({"layout": "per-layer", "allocation": "global", "min_keep": 1.0}, r"--min-keep 1.0 is outside \[0, 1\)"),
     ({"layout": "diagonal"}, "not one of"),
     ({"ratio": 0.3, "target_params": "1B"}, "--ratio and a target"),
@@ -243,6 +251,14 @@ def test_a_target_no_ratio_meets_is_refused_before_calibration(source, tmp_path)
 def test_bad_layout_and_target_options_fail_before_loading(fields, message):
     with pytest.raises(HywiaError, match=message):
         PruneOptions(**fields)
+
+
+def test_the_default_layout_is_per_layer_global_and_uniform_means_even():
+    assert (PruneOptions().layout, PruneOptions().allocation, PruneOptions().protect_layers) == ("per-layer", "global", None)
+    assert PruneOptions(layout="uniform").allocation == "even"
+    # protected ends with the default allocation: global ranking of the unprotected layers' units
+    assert PruneOptions(protect_layers="first:2,last:2").allocation == "global"
+    assert PruneOptions(protect_layers="first:4,last:2", allocation="even").allocation == "even"
 
 
 def test_protecting_every_layer_is_refused():

@@ -35,8 +35,10 @@ def calibration_file(tmp_path):
 
 
 def small_options(calibration_file, **overrides) -> PruneOptions:
-    # Plain slicing: these tests compare the export with the masked original (repair is tests/test_repair.py).
-    fields = dict(ratio=0.3, calibration=calibration_file, samples=8, seq_len=32, reconstruct="none", recover="none")
+    # Plain slicing: these tests compare the export with the masked original (repair is tests/test_repair.py),
+    # in the uniform layout that exports the stock architecture (per-layer: tests/test_layouts.py).
+    fields = dict(ratio=0.3, calibration=calibration_file, samples=8, seq_len=32, reconstruct="none", recover="none",
+                  layout="uniform")
     fields.update(overrides)
     return PruneOptions(**fields)
 

@@ -54,15 +54,16 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
     group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="calibration sequence length (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed)
     group.add_argument("--layout", choices=LAYOUTS, default=defaults.layout,
-                       help="uniform: every layer keeps the same widths (stock LlamaForCausalLM export); per-layer: "
-                            "widths differ by layer (HywiaLlamaForCausalLM export; needs --protect-layers or "
-                            "--allocation global) (default %(default)s)")
+                       help="per-layer: widths differ by layer (HywiaLlamaForCausalLM export, served by `hywia "
+                            "serve` and by any vLLM where hywia is installed, through its plugin); uniform: every "
+                            "layer keeps the same widths (stock LlamaForCausalLM export: use it for a vLLM without "
+                            "hywia's plugin; lower quality at the same size) (default %(default)s)")
     group.add_argument("--protect-layers", default=None, metavar="first:K,last:M",
                        help="per-layer: keep these layers whole, the others share the removal "
-                            "(first:4,last:2 is LLM-Pruner's recipe)")
-    group.add_argument("--allocation", choices=ALLOCATIONS, default=defaults.allocation,
-                       help="per-layer: 'even' (unprotected layers lose alike) or 'global' (units ranked across "
-                            "layers by importance per parameter) (default %(default)s)")
+                            "(with --allocation even, first:4,last:2 is LLM-Pruner's recipe)")
+    group.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                       help="per-layer: 'global' (units ranked across layers by importance per parameter; the "
+                            "default) or 'even' (unprotected layers lose alike; needs --protect-layers)")
     group.add_argument("--min-keep", type=float, default=defaults.min_keep,
                        help="global allocation keeps at least this fraction of every layer's KV groups and MLP "
                             "channels (default %(default)s)")

@@ -273,7 +273,7 @@ def header_lines(payload: dict, tasks: list[str], dense: dict | None) -> list[st
          "(pruned − chance) / (dense − chance), chance = mean of 1/choices"),
         "",
     ]
-    if dense:
+    if dense and any(name in ZERO_SHOT_TASKS for name in tasks):  # a perplexity-only grid has no slice noise
         noise = ", ".join(f"{name} ±{dense['tasks'][name][dense['tasks'][name]['headline_metric'] + '_stderr']:.3f}"
                           for name in tasks if name in ZERO_SHOT_TASKS)
         lines += [f"Slice noise (standard error of the dense model's accuracy): {noise}", ""]
@@ -401,9 +401,11 @@ def plot_ratio_curves(payload: dict, path: Path) -> None:
             axis = axes[row][column]
             for method in METHODS:
                 label_cal = "none" if method in GRADIENT_FREE else calibration
-                points = sorted((ratio, [metric(run, name) for run in members])
-                                for (m, ratio, cal), members in groups.items() if m == method and cal == label_cal)
-                if not points:
+                points = sorted((ratio, values) for (m, ratio, cal), members in groups.items()
+                                if m == method and cal == label_cal
+                                for values in [[v for v in (metric(run, name) for run in members) if v is not None]]
+                                if values)
+                if not points or metric(dense, name) is None:  # e.g. no zero-shot task in a perplexity-only grid
                     continue
                 xs = [0.0] + [ratio for ratio, _ in points]
                 ys = [metric(dense, name)] + [sum(v) / len(v) for _, v in points]

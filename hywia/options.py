@@ -35,7 +35,7 @@ class PruneOptions:
     samples: int = 32
     seq_len: int = 128
     seed: int = 0
-    # Per-layer widths with global allocation by default: measured best (benchmarks/results/layouts400.md);
+    # Per-layer widths with global allocation by default: measured best (benchmarks/results/layouts400/quality.md);
     # its export needs this package's vLLM plugin, which `hywia serve` always has. `uniform` exports the
     # stock LlamaForCausalLM, for a vLLM without the plugin.
     layout: str = "per-layer"

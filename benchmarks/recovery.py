@@ -42,7 +42,7 @@ from hywia.evaluation.perplexity import split_windows, tokenize_text, window_per
 from hywia.evaluation.scoring import TokenScorer
 from hywia.export import write_export
 from hywia.models import load_model
-from hywia.pipeline import PruneOptions, prune_model
+from hywia.pipeline import PruneOptions, export_key, prune_model
 from hywia.plan import PruningPlan
 from hywia.recovery import RecoveryOptions, recover
 from hywia.recovery_data import recovery_batches, teacher_targets
@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", default="0,50,100,200,400", help="step counts evaluated (checkpoints of one run)")
     parser.add_argument("--chat-steps", default="", help="step counts whose merged export is chat-checked")
     parser.add_argument("--recover-data", default="self",
-                        help="'self', 'self+gutenberg' or 'gutenberg' (the data folder's calibration books), or a path")
+                        help="'self', 'self-chat', 'self-text', 'self+gutenberg' or 'gutenberg' (the data folder's "
+                             "calibration books), or a path")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=32)
@@ -88,8 +89,10 @@ def data_spec(args) -> str:
 
 def teacher_cache(loaded, args):
     """Recovery data + teacher targets from the dense model, cached across ratios and runs."""
+    # The code that writes the data is part of the key: what a spec such as 'self' means has changed before.
+    code = [(ROOT / "hywia" / name).read_text() for name in ("recovery_data.py", "recovery_prompts.py", "calibration.py")]
     key = hashlib.sha256(json.dumps([loaded.resolved.digest, data_spec(args), args.samples, args.seq_len, args.top_k,
-                                     args.seed]).encode()).hexdigest()[:16]
+                                     args.seed, code]).encode()).hexdigest()[:16]
     path = ROOT / ".cache" / "recovery-bench" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=False), 0.0
@@ -103,17 +106,21 @@ def teacher_cache(loaded, args):
 
 
 def pruned(loaded, ratio: float):
-    """The plain prune (PruneOptions(ratio, recover="none"): recovery is what is measured here), in place.
-    Its plan is kept under .cache/recovery-bench, so a later run re-slices the same plan in seconds."""
-    path = ROOT / ".cache" / "recovery-bench" / f"plan-{loaded.resolved.digest[:16]}-r{ratio:g}.json"
+    """The plain prune (the default options with recover="none": recovery is what is measured here), in
+    place. The pruned weights (reconstruction included) are kept under .cache/recovery-bench, keyed like
+    an export (source, options, code), so a later run of the same code starts from the same model in seconds."""
+    options = PruneOptions(ratio=ratio, recover="none")
+    path = ROOT / ".cache" / "recovery-bench" / f"pruned-{export_key(loaded.resolved.digest, options)}.pt"
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = torch.load(path, weights_only=False)
         plan = PruningPlan.from_dict(saved["plan"])
         slice_model(loaded.model, plan)
+        loaded.model.load_state_dict(saved["state"])
         return plan, saved["report"]
-    plan, report = prune_model(loaded, PruneOptions(ratio=ratio, recover="none"), cache_dir=ROOT / ".cache" / "test")
+    plan, report = prune_model(loaded, options, cache_dir=ROOT / ".cache" / "test")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"plan": plan.to_dict(), "report": report}, default=str))
+    torch.save({"plan": plan.to_dict(), "report": json.loads(json.dumps(report, default=str)),
+                "state": loaded.model.state_dict()}, path)
     return plan, report
 
 

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hywia.errors import HywiaError
-from hywia.recovery_data import SELF, RecoveryData, TeacherTargets, split_data_spec
+from hywia.recovery_data import SELF, RecoveryData, TeacherTargets, data_sources
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def validate_recovery_options(mode: str = "lora", steps: int = RecoveryOptions.s
     if not 0 <= kd_weight <= 1:
         raise HywiaError(f"the distillation weight {kd_weight} is outside [0, 1]",
                          "1 distils only, 0 trains on the next-token loss only")
-    _, path = split_data_spec(data)
+    path = data_sources(data).path
     if path is not None:
         _check_has_text(path)
     try:

@@ -1,9 +1,11 @@
 """What recovery trains on, computed from the DENSE model before pruning cuts it in place.
 
 Two pieces, in pipeline order:
-  * `recovery_batches`: token rows + a loss mask. `self` = chat-formatted replies the dense model
-    writes to varied instructions (hywia.recovery_prompts), loss on the reply tokens only; a path =
-    windows of plain text (every token counts); `self+PATH` = both, mixed row by row.
+  * `recovery_batches`: token rows + a loss mask, from one or more sources mixed row by row in equal
+    shares. `self-chat` = chat-formatted replies the dense model writes to varied instructions
+    (hywia.recovery_prompts), loss on the reply tokens only; `self-text` = text the dense model writes
+    when it continues short openings by sampling (hywia.calibration.self_generated), every token
+    counts; `self` = both; a path = windows of plain text; `self+PATH` = self's two and the text.
   * `teacher_targets`: the dense model's top-k next-token log-probabilities at every position whose
     next token is trained on, which the pruned model is then distilled towards.
 """
@@ -17,14 +19,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hywia.calibration import read_text, windows_from_text
+from hywia.calibration import read_text, self_generated, windows_from_text
 from hywia.errors import HywiaError
 from hywia.recovery_prompts import recovery_prompts
 
 log = logging.getLogger(__name__)
 
-SELF = "self"
+SELF = "self"  # the dense model's chat replies and its own free text, half each
+SELF_CHAT = "self-chat"
+SELF_TEXT = "self-text"
 _MIX_PREFIX = "self+"
+# Own text is sampled from a seed of its own, so that it is not the calibration text again (the pruning
+# pass already fitted that) although it continues the same openings.
+_OWN_TEXT_SEED_OFFSET = 104_729
 
 
 @dataclass
@@ -59,26 +66,36 @@ class TeacherTargets:
         return self.logprobs.shape[-1]
 
 
-def split_data_spec(data: str) -> tuple[bool, Path | None]:
-    """'self' → (True, None); PATH → (False, PATH); 'self+PATH' → (True, PATH)."""
-    if data == SELF:
-        return True, None
+@dataclass(frozen=True)
+class DataSources:
+    chat: bool  # the dense model's chat replies
+    own_text: bool  # the dense model's sampled free text
+    path: Path | None  # plain text of the user's
+
+
+def data_sources(data: str) -> DataSources:
+    """'self' → replies and own text; 'self-chat' / 'self-text' → one of them; PATH → the text;
+    'self+PATH' → all three."""
+    if data in (SELF, SELF_CHAT, SELF_TEXT):
+        return DataSources(chat=data != SELF_TEXT, own_text=data != SELF_CHAT, path=None)
     if data.startswith(_MIX_PREFIX):
-        return True, Path(data[len(_MIX_PREFIX):]).expanduser()
-    return False, Path(data).expanduser()
+        return DataSources(chat=True, own_text=True, path=Path(data[len(_MIX_PREFIX):]).expanduser())
+    return DataSources(chat=False, own_text=False, path=Path(data).expanduser())
 
 
 def recovery_batches(tokenizer, dense_model, data: str = SELF, samples: int = 128, seq_len: int = 128,
                      seed: int = 0, progress: bool = True) -> RecoveryData:
-    """`samples` rows of `seq_len` tokens (a mix gives half to each source)."""
-    use_self, path = split_data_spec(data)
-    parts = []
-    if use_self:
-        count = samples if path is None else samples - samples // 2
-        parts.append(self_replies(tokenizer, dense_model, count, seq_len, seed, progress=progress))
-    if path is not None:
-        count = samples if not use_self else samples // 2
-        parts.append(text_windows(tokenizer, path, count, seq_len, seed))
+    """`samples` rows of `seq_len` tokens, shared equally by the sources (the first get any remainder)."""
+    sources = data_sources(data)
+    makers = []
+    if sources.chat:
+        makers.append(lambda count: self_replies(tokenizer, dense_model, count, seq_len, seed, progress=progress))
+    if sources.own_text:
+        makers.append(lambda count: own_text(tokenizer, dense_model, count, seq_len, seed))
+    if sources.path is not None:
+        makers.append(lambda count: text_windows(tokenizer, sources.path, count, seq_len, seed))
+    shares = [samples // len(makers) + (i < samples % len(makers)) for i in range(len(makers))]
+    parts = [make(count) for make, count in zip(makers, shares) if count]
     return parts[0] if len(parts) == 1 else interleave(parts, source=data)
 
 
@@ -93,6 +110,17 @@ def text_windows(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[:, 0] = False
     return RecoveryData(ids, torch.ones_like(ids), loss_mask, source=str(path))
+
+
+def own_text(tokenizer, dense_model, samples: int, seq_len: int, seed: int) -> RecoveryData:
+    """The dense model's sampled continuations of short openings (what `self` calibration uses, from
+    another seed): general text in the model's own distribution, so distillation on it restores
+    language modelling as a whole, where chat replies alone restore mostly chat. Every token but the
+    first of a row is trained on."""
+    ids = self_generated(tokenizer, dense_model, samples, seq_len, seed + _OWN_TEXT_SEED_OFFSET)
+    loss_mask = torch.ones_like(ids, dtype=torch.bool)
+    loss_mask[:, 0] = False
+    return RecoveryData(ids, torch.ones_like(ids), loss_mask, source=SELF_TEXT)
 
 
 @torch.no_grad()

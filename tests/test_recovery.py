@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from hywia.calibration import calibration_batch
 from hywia.errors import HywiaError
 from hywia.models import load_model
 from hywia.pipeline import PruneOptions, prune_model
@@ -119,7 +120,8 @@ def test_should_stop_raises_and_leaves_the_model_as_it_was(pruned_and_data):
 def test_self_data_trains_on_reply_tokens_only(tmp_path):
     loaded = load_model(str(save_tiny_model(tmp_path / "m", gqa=True, layers=2)))
     tokenizer = loaded.tokenizer
-    data = recovery_batches(tokenizer, loaded.model, data="self", samples=5, seq_len=128, seed=3, progress=False)
+    data = recovery_batches(tokenizer, loaded.model, data="self-chat", samples=5, seq_len=128, seed=3,
+                            progress=False)
     assert data.input_ids.shape == (5, 128) and data.trained_tokens > 0
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for ids, attention, mask in zip(data.input_ids, data.attention_mask, data.loss_mask):
@@ -152,7 +154,26 @@ def test_text_and_mixed_data(tmp_path, text_file):
     mixed = recovery_batches(loaded.tokenizer, loaded.model, data=f"self+{text_file}", samples=6, seq_len=128,
                              progress=False)
     fully_trained = mixed.loss_mask[:, 1:].all(dim=1)
-    assert fully_trained.tolist() == [False, True] * 3  # self rows and text rows alternate, half each
+    # Chat replies (loss on the reply only), own text and the file's text alternate, a third each.
+    assert fully_trained.tolist() == [False, True, True] * 2
+    book_rows = [row for row in range(6) if "the worst of times" in loaded.tokenizer.decode(mixed.input_ids[row])]
+    assert book_rows == [2, 5]
+
+
+def test_self_data_is_chat_replies_and_own_text_half_each(tmp_path):
+    loaded = load_model(str(save_tiny_model(tmp_path / "m", gqa=True, layers=2)))
+    make = lambda data, samples: recovery_batches(loaded.tokenizer, loaded.model, data=data, samples=samples,
+                                                  seq_len=128, seed=0, progress=False)
+    own = make("self-text", 2)
+    assert own.source == "self-text" and own.loss_mask[:, 1:].all() and not own.loss_mask[:, 0].any()
+    chat = make("self-chat", 2)
+    assert not chat.loss_mask[:, 1:].all(dim=1).any()  # the prompt of a chat row is never trained on
+    both = make("self", 5)  # the remainder goes to the first source (chat): 3 chat rows, 2 own-text rows
+    assert both.loss_mask[:, 1:].all(dim=1).tolist() == [False, True, False, True, False]
+    assert torch.equal(both.input_ids[1::2], own.input_ids[:2])  # each source's rows as it makes them alone
+    # Own text is sampled from a seed of its own: not the calibration text of the same seed again.
+    calibration = calibration_batch("self", loaded.tokenizer, loaded.model, samples=2, seq_len=128, seed=0)
+    assert not torch.equal(calibration, own.input_ids)
 
 
 def test_teacher_targets_are_the_dense_top_k_where_trained(pruned_and_data, tmp_path, text_file):

@@ -97,10 +97,12 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
                         help="LoRA learning rate (default %(default)s)")
     repair.add_argument("--recover-rank", type=int, default=defaults.recover_rank,
                         help="LoRA rank (default %(default)s)")
-    repair.add_argument("--recover-data", default=defaults.recover_data, metavar="self|PATH|self+PATH",
-                        help="self: chat replies the dense model writes to built-in instructions (no dataset "
-                             "needed); PATH: a text file or directory of .txt files; self+PATH: half each "
-                             "(default %(default)s)")
+    repair.add_argument("--recover-data", default=defaults.recover_data,
+                        metavar="self|self-chat|self-text|PATH|self+PATH",
+                        help="self: what the dense model writes, no dataset needed: its chat replies to built-in "
+                             "instructions (self-chat) and its sampled continuations of short openings "
+                             "(self-text), half each; PATH: a text file or directory of .txt files; self+PATH: "
+                             "self's two and the text, a third each (default %(default)s)")
     repair.add_argument("--recover-samples", type=int, default=defaults.recover_samples,
                         help="sequences the recovery trains on (default %(default)s)")
     repair.add_argument("--recover-seq-len", type=int, default=defaults.recover_seq_len,

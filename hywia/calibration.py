@@ -96,15 +96,16 @@ def heldout_batch(source: str, tokenizer, model, used_samples: int, seq_len: int
 def self_generated(tokenizer, model, samples: int, seq_len: int, seed: int, batch_size: int = 16,
                    prompts: tuple[str, ...] = SELF_PROMPTS) -> torch.Tensor:
     """The model's own continuations of varied PROMPTS, sampled at temperature 1 (seeded); every row
-    starts with its whole prompt. Prompts of one batch differ in length, so they are left-padded
+    starts with its whole prompt, encoded as the tokenizer encodes any text (a LLaMA tokenizer adds its
+    <s>; SmolLM2's adds nothing, where forcing its bos token put a chat-turn marker before prose:
+    WikiText-2 188.6 vs 193.7 after a 0.2108 prune, seed 0). Prompts of one batch differ in length, so they are left-padded
     (masked out, positions counted from each prompt's first token) and each row is cut to SEQ_LEN."""
     torch.manual_seed(seed)
     rows = []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in tqdm(range(0, samples, batch_size), desc="self-calibration", unit="batch"):
         count = min(batch_size, samples - start)
-        encoded = [(bos + tokenizer(prompts[(start + i) % len(prompts)], add_special_tokens=False).input_ids)[:seq_len]
+        encoded = [tokenizer(prompts[(start + i) % len(prompts)], add_special_tokens=True).input_ids[:seq_len]
                    for i in range(count)]
         width = max(len(e) for e in encoded)
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=model.device)

@@ -18,7 +18,7 @@ TEXT = " ".join(f"Sentence number {i} tells of the {i % 7}th river and the {i % 
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids  # as the tokenizer encodes any text (its special tokens, if it adds any)
 
 
 def test_self_generated_rows_start_with_their_whole_prompt():

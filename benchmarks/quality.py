@@ -347,7 +347,10 @@ def default_goal_lines(groups: dict, settings: dict) -> list[str]:
             values = [v for v in values if v is not None]
             if values:
                 mean = sum(values) / len(values)
-                lines.append(f"- default configuration ({method}, {calibration}, reconstruct "
+                # Only `self` calibration is the default; with a corpus it is the default pipeline on the user's text.
+                what = ("default configuration" if calibration == PruneOptions.calibration
+                        else f"default configuration but --calibration {calibration}")
+                lines.append(f"- {what} ({method}, {calibration}, reconstruct "
                              f"{settings.get('reconstruct', 'none')}, recover {settings.get('recover', 'none')}) "
                              f"r{ratio:g}: WikiText-2 {mean:.1f} over {len(values)} seed(s) vs ≤ {ceiling:g} ({source}): "
                              f"**{'met' if mean <= ceiling else 'not met'}**")

@@ -172,7 +172,7 @@ def test_completion_usage_matches_tokenizer(served):
     assert response.usage.prompt_tokens == len(served.tokenizer(prompt).input_ids)
     assert response.usage.completion_tokens == 7
     assert response.choices[0].finish_reason == "length"
-    assert response.choices[0].text
+    # No assertion on the text: 7 tokens of a random tiny model may all decode to nothing (special tokens).
 
 
 def test_stop_string_ends_the_text_before_it(served):

@@ -18,7 +18,7 @@ from hywia.errors import HywiaError
 from hywia.importance import CRITERIA
 from hywia.reconstruct import RECONSTRUCTIONS
 from hywia.recovery import RECOVERY_MODES, RecoveryOptions, validate_recovery_options
-from hywia.recovery_data import data_sources
+from hywia.recovery_data import SELF, data_sources
 from hywia.sizes import parse_count, parse_size
 
 LAYOUTS = ("uniform", "per-layer")
@@ -63,7 +63,7 @@ class PruneOptions:
     recover_steps: int = RecoveryOptions.steps
     recover_lr: float = RecoveryOptions.lr
     recover_rank: int = RecoveryOptions.rank
-    recover_data: str = "self"  # what the dense model writes (chat replies + own text), a text PATH, or 'self+PATH'
+    recover_data: str = SELF  # what the dense model writes (chat replies + own text), a text PATH, or 'self+PATH'
     recover_samples: int = 128
     recover_seq_len: int = 128  # its own: self replies need room for the prompt and a reply
 
@@ -161,4 +161,4 @@ def resolve_recovery_data(data: str) -> str:
     if sources.path is None:
         return data
     absolute = str(sources.path.expanduser().resolve())
-    return f"self+{absolute}" if sources.chat else absolute
+    return f"{SELF}+{absolute}" if sources.chat else absolute

@@ -49,7 +49,8 @@ log = logging.getLogger("quality")
 # is published; "-global" ranks units across layers (hywia.budget, ≥ 10% of each layer kept); "-global-ends"
 # is global allocation with the first 2 and the last 2 layers kept whole.
 METHODS = ("hybrid", "fine", "coarse", "fixed", "llm-pruner", "magnitude", "random",
-           "hybrid-recipe", "llm-pruner-recipe", "hybrid-global", "hybrid-global-ends", "fixed-global")
+           "hybrid-recipe", "llm-pruner-recipe", "hybrid-global", "hybrid-global-ends", "fixed-global", "fine-global",
+           "coarse-global", "llm-pruner-global")
 LAYOUT_SUFFIXES = {
     "-recipe": {"layout": "per-layer", "allocation": "even", "protect_layers": "first:4,last:2"},
     "-global-ends": {"layout": "per-layer", "allocation": "global", "protect_layers": "first:2,last:2"},
@@ -60,7 +61,7 @@ LAYOUT_SUFFIXES = {
 PEER_PERPLEXITY = {0.0: 55.54, 0.2108: 205.4, 0.4999: 1266.9}
 GRADIENT_FREE = ("magnitude", "random")  # their export ignores the calibration text: pruned once per ratio
 RIVALS = {"hybrid": ("fixed", "fine", "coarse", "llm-pruner"), "hybrid-recipe": ("llm-pruner-recipe",),
-          "hybrid-global": ("fixed-global",)}  # the goals
+          "hybrid-global": ("fixed-global", "fine-global", "coarse-global", "llm-pruner-global")}  # the goals
 CALIBRATIONS = {"self": "self", "gutenberg": "calibration/gutenberg"}  # label → 'self' or a path in --data-dir
 TASK_ORDER = ("wikitext2", "ptb", *ZERO_SHOT_TASKS)
 # Fixed slices (the first N windows / items of each file); quality.md states what a run used. Sizing:

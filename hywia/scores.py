@@ -54,13 +54,6 @@ def normalise_within_layers(scores: LayerScores, how: str) -> LayerScores:
     return [{k: normalise(layer[k], how) for k in UNIT_KINDS} for layer in scores]
 
 
-def normalise_across_layers(scores: LayerScores, how: str) -> LayerScores:
-    """`normalise` over the concatenation of every layer's and kind's scores: comparable everywhere."""
-    flat = normalise(torch.cat([layer[k] for layer in scores for k in UNIT_KINDS]), how)
-    pieces = iter(flat.split([layer[k].numel() for layer in scores for k in UNIT_KINDS]))
-    return [{k: next(pieces) for k in UNIT_KINDS} for _ in scores]
-
-
 def magnitude_scores(model) -> LayerScores:
     """Σ|w| over each unit: the data-free floor."""
     return [

@@ -120,13 +120,13 @@ def test_global_allocation_keeps_the_minimum_in_every_layer(source, calibration)
     assert "divided by the unit's parameter count" in report["layout"]["ranking"]
 
 
-def test_hybrid_global_trains_the_fusion_at_the_counts_of_the_fixed_global_blend(source, calibration):
+def test_blends_keep_as_many_units_per_layer_as_fine_and_hybrid_trains_at_those_counts(source, calibration):
     counts = {}
-    for method in ("fixed", "hybrid"):
+    for method in ("fine", "fixed", "hybrid"):
         loaded = load_model(str(source))
         plan, report = prune_model(loaded, options(calibration, importance=method, **MODES["global"]), progress=False)
         counts[method] = [(len(p.kept_kv_groups), len(p.kept_mlp_channels)) for p in plan.layers]
-    assert counts["hybrid"] == counts["fixed"]
+    assert counts["hybrid"] == counts["fixed"] == counts["fine"]
     assert report["importance_details"]["selected"] in ("learned", "fixed")  # the fusion did run
     assert "the fusion then trains with these counts" in report["layout"]["ranking"]
 
@@ -153,13 +153,18 @@ def test_global_allocation_takes_more_from_less_important_layers():
     assert all(k.kv_groups >= 1 and k.mlp_channels >= 16 for k in keep)
 
 
-def test_blends_are_normalised_across_layers_not_within():
+def test_blends_are_allocated_by_the_fine_loss_estimate_alone():
     """Normalised within each layer (as hywia.importance does for fixed/hybrid), a layer whose units
-    all matter ten times less would look like every other layer; normalised across layers it must not."""
-    stats = made_up_scores([10, 1, 10, 10])
-    blend = CRITERIA["fixed"].comparable(UnitStatistics(fine=stats, coarse=stats), None, [SHAPE] * 4, "rank")
-    assert float(blend[1]["mlp"].mean()) < 0.5 * float(blend[0]["mlp"].mean())
-    keep = GlobalAllocation(blend, Budget((SHAPE,) * 4, TOTAL)).keep_counts(0.3)
+    all matter ten times less would look like every other layer; the blends are therefore allocated by
+    fine's per-parameter scores, and coarse, whatever its scale, has no say in the keep counts."""
+    fine = made_up_scores([10, 1, 10, 10])
+    for coarse in (made_up_scores([1, 10, 1, 1]), made_up_scores([1, 1, 1, 1])):
+        for name in ("fixed", "hybrid"):
+            scores = CRITERIA[name].comparable(UnitStatistics(fine=fine, coarse=coarse), None, [SHAPE] * 4, "rank")
+            for got, want in zip(scores, CRITERIA["fine"].comparable(None, fine, [SHAPE] * 4, "rank")):
+                for kind in ("attn", "mlp"):
+                    assert torch.equal(got[kind], want[kind])
+    keep = GlobalAllocation(scores, Budget((SHAPE,) * 4, TOTAL)).keep_counts(0.3)
     assert SHAPE.removed_params(keep[1]) == max(SHAPE.removed_params(k) for k in keep)
 
 

@@ -45,10 +45,10 @@ def payload():
                          "samples": 32, "calibration_seq_len": 128}}
 
 
-def test_the_default_grid_is_dense_plus_44_runs(quality):
+def test_the_default_grid_is_dense_plus_56_runs(quality):
     runs = quality.planned_runs(quality.parse_args([]))
-    # 2 ratios × (2 calibrations × 10 calibrated methods + magnitude and random once)
-    assert runs[0]["method"] == "dense" and len(runs) == 1 + 2 * (2 * 10 + 2)
+    # 2 ratios × (2 calibrations × 13 calibrated methods + magnitude and random once)
+    assert runs[0]["method"] == "dense" and len(runs) == 1 + 2 * (2 * 13 + 2)
     gradient_free = [run for run in runs if run["method"] in ("magnitude", "random")]
     assert {run["calibration"] for run in gradient_free} == {"none"} and len(gradient_free) == 4
     assert len({run["key"] for run in runs}) == len(runs)

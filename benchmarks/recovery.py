@@ -237,7 +237,7 @@ def write_report(payload: dict, json_path: Path) -> None:
                 f" ({chat_right / dense_chat:.0%} of dense)" if dense_chat else "")
             lines.append(f"| {run['label']} | {run['ratio']:g} | {point['steps']} | {point['wikitext2']:.1f} "
                          f"({run['windows']}) | {chat_cell} | {'' if per_step is None else f'{per_step:.1f}{flagged}'} | "
-                         f"{run.get('data_and_teacher_seconds') or 'cached'} | {run['date']} |")
+                         f"{round(run['data_and_teacher_seconds']) if run.get('data_and_teacher_seconds') else 'cached'} | {run['date']} |")
     notes = [f"\\* {r['recovery']['seconds_per_step_note']}" for r in runs
              if r.get("recovery", {}).get("seconds_per_step_note")]
     lines += ["", *notes, "", ("Peer (LLM-Pruner's code, same model, no recovery; issue 13) on the first 400 windows: "

@@ -76,3 +76,12 @@ def missing_runs(commands: list[str], done: dict, parse_args, planned_runs) -> l
             continue
         missing += [run["key"] for run in planned if run["key"] not in done and run["key"] not in missing]
     return missing
+
+
+def selected_blend(run: dict) -> str:
+    """Which blend hybrid kept: 'learned', or 'fixed α_fine=W' (runs from before the fusion compared the
+    best of several fixed blends recorded no W: their fixed blend was ½/½)."""
+    if run.get("selected") != "fixed":
+        return str(run.get("selected"))
+    weight = run.get("fixed_fine_weight")
+    return f"fixed α_fine={0.5 if weight is None else weight:g}"

@@ -26,7 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
 import torch
+from _common import selected_blend
 
 from hywia import statistics_cache
 from hywia.default_model import ensure_default_model
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
                         loaded.model, loaded.tokenizer, args.data_dir, args.windows),
                     "quality": report.get("quality"), "alpha": report.get("alpha"),
                     **{name: details.get(name) for name in (
-                        "selected", "holdout_loss_learned", "holdout_loss_fixed", "holdout_gain", "holdout_gain_se",
+                        "selected", "fixed_fine_weight", "holdout_loss_fixed_blends",
+                        "holdout_loss_learned", "holdout_loss_fixed", "holdout_gain", "holdout_gain_se",
                         "selection_margin", "learned_alpha", "raw_key_features", "train_losses")},
                 }
                 if record["learned_alpha"]:
@@ -163,7 +166,8 @@ def write_markdown(payload: dict, path: Path) -> None:
              (f"- ratio {payload['ratio']}, uniform layout, 32 × 128 calibration tokens (defaults); WikiText-2: first "
               f"{payload['wikitext_windows']} non-overlapping 128-token windows; dense {dense:.2f}"),
              ("- held-out losses: the fusion's selection split (last half of the calibration batch), per-token NLL "
-              "of the hard-masked model; 'learned' is kept only if it wins by > max(0.01, 2 SE)"),
+              "of the hard-masked model; 'learned' is kept only if it beats the best fixed blend (½/½, fine only, "
+              "coarse only; 'fixed' column) by > max(0.01, 2 SE)"),
              ("- report ratio: the report's held-out perplexity ratio (pruned / dense, 8 × 128 tokens not used "
               "for scoring)"), "",
              ("| calibration | seed | fixed PPL | hybrid PPL | selected | held-out loss learned | fixed | gain ± SE |"
@@ -177,7 +181,7 @@ def write_markdown(payload: dict, path: Path) -> None:
                   else "–" for k in UNIT_KINDS]
         lines.append(
             f"| {label} | {seed} | {fixed.get('wikitext2', math.nan):.1f} | {hybrid.get('wikitext2', math.nan):.1f} | "
-            f"{hybrid.get('selected')} | {hybrid.get('holdout_loss_learned', math.nan):.4f} | "
+            f"{selected_blend(hybrid)} | {hybrid.get('holdout_loss_learned', math.nan):.4f} | "
             f"{hybrid.get('holdout_loss_fixed', math.nan):.4f} | "
             f"{hybrid.get('holdout_gain', math.nan):+.4f} ± {hybrid.get('holdout_gain_se', math.nan):.4f} | "
             f"{(hybrid.get('quality') or {}).get('perplexity_ratio', math.nan):.3f} | {ranges[0]} | {ranges[1]} | "

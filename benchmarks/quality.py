@@ -33,7 +33,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
 import torch
-from _common import calibration_source, grid_cells, grid_parser, missing_runs, names, numbers, write_json
+from _common import (
+    calibration_source,
+    grid_cells,
+    grid_parser,
+    missing_runs,
+    names,
+    numbers,
+    selected_blend,
+    write_json,
+)
 
 from hywia.evaluation.results import average_accuracy, average_chance, retention_report
 from hywia.evaluation.suite import EvalOptions, evaluate
@@ -139,6 +148,8 @@ def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
                       # the fusion's held-out evidence (hybrid), and the quality the report states at prune time
                       holdout_loss_learned=details.get("holdout_loss_learned"),
                       holdout_loss_fixed=details.get("holdout_loss_fixed"),
+                      fixed_fine_weight=details.get("fixed_fine_weight"),
+                      holdout_loss_fixed_blends=details.get("holdout_loss_fixed_blends"),
                       heldout_perplexity_ratio=(report.get("quality") or {}).get("perplexity_ratio"))
     started = time.perf_counter()
     loaded = load_model(source, cache_dir=args.cache_dir)
@@ -241,11 +252,11 @@ def write_markdown(payload: dict, path: Path) -> None:
         lines += [f"Not run yet (planned by the commands above; re-running them resumes): {', '.join(missing)}.", ""]
     lines.append("Plots: `quality_ratio.png` (WikiText-2 perplexity and average accuracy vs ratio), "
                  "`quality_alpha.png` (learned α_fine per layer and unit type).")
-    selected = [f"{key[0]} {key[2]} r{key[1]:g}: {', '.join(str(run.get('selected')) for run in members)}"
+    selected = [f"{key[0]} {key[2]} r{key[1]:g}: {', '.join(selected_blend(run) for run in members)}"
                 for key, members in sorted(groups.items(), key=str) if key[0] in RIVALS]
     if selected:
-        lines.append("Hybrid's blend as selected on held-out calibration loss (learned, or the fixed ½ blend): "
-                     + "; ".join(selected) + ".")
+        lines.append("Hybrid's blend as selected on held-out calibration loss (learned, or the best fixed blend, "
+                     "by its α_fine): " + "; ".join(selected) + ".")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -448,7 +459,7 @@ def plot_alpha(payload: dict, path: Path) -> None:
         axis.set_yticks([0, 1], ["attn", "mlp"])
         axis.set_xticks(range(0, grid.shape[1], max(1, grid.shape[1] // 15)))
         axis.set_title(f"{run['calibration']}, ratio {run['ratio']:g}, seed {run['seed']} "
-                       f"(selected: {run.get('selected')})", fontsize=9)
+                       f"(selected: {selected_blend(run)})", fontsize=9)
     axes[-1, 0].set_xlabel("layer")
     figure.colorbar(image, ax=axes[:, 0].tolist(), label="α_fine (1 = fine only, 0 = coarse only)")
     figure.savefig(path, dpi=120)

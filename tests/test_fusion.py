@@ -138,16 +138,42 @@ def test_the_same_inputs_give_the_same_choice_and_losses(tiny):
         assert first.diagnostics[key] == second.diagnostics[key]
 
 
-def test_held_out_losses_are_those_of_the_two_hard_masked_blends(tiny):
+def test_held_out_losses_are_those_of_the_hard_masked_blends(tiny):
     model, batch, stats = tiny
     result = train_fusion(model, stats.fine, stats.coarse, KEEP, batch, FusionConfig(steps=4), progress=False)
     _, holdout = split_holdout(batch, FusionConfig.holdout_fraction)
     assert result.diagnostics["holdout_samples"] == holdout.shape[0] == 8
     fine_hat, coarse_hat = normalise_within_layers(stats.fine, "rank"), normalise_within_layers(stats.coarse, "rank")
-    fixed = per_sample_hard_masked_losses(model, blend(fine_hat, coarse_hat, fixed_alpha(3)), KEEP, holdout)
+    fixed = {weight: float(per_sample_hard_masked_losses(
+        model, blend(fine_hat, coarse_hat, fixed_alpha(3, weight)), KEEP, holdout).mean())
+        for weight in FusionConfig.fixed_fine_weights}
     learned = per_sample_hard_masked_losses(model, blend(fine_hat, coarse_hat, result.learned_alpha), KEEP, holdout)
-    assert result.diagnostics["holdout_loss_fixed"] == pytest.approx(float(fixed.mean()), rel=1e-9)
+    assert result.diagnostics["holdout_loss_fixed_blends"] == pytest.approx(
+        {f"{weight:g}": loss for weight, loss in fixed.items()}, rel=1e-9)
+    assert result.diagnostics["fixed_fine_weight"] == min(fixed, key=fixed.get)
+    assert result.diagnostics["holdout_loss_fixed"] == pytest.approx(min(fixed.values()), rel=1e-9)
     assert result.diagnostics["holdout_loss_learned"] == pytest.approx(float(learned.mean()), rel=1e-9)
+
+
+def test_an_untrained_fusion_keeps_the_best_fixed_blend(tiny):
+    """With no training the learned blend is ½/½, which can never beat the best fixed blend by a margin:
+    the blend kept is the fixed one with the lowest held-out loss, fine only and coarse only included."""
+    model, batch, stats = tiny
+    candidates = (0.5, 1.0, 0.0)
+    result = train_fusion(model, stats.fine, stats.coarse, KEEP, batch,
+                          FusionConfig(steps=0, fixed_fine_weights=candidates), progress=False)
+    losses = result.diagnostics["holdout_loss_fixed_blends"]
+    assert sorted(losses) == ["0", "0.5", "1"] and len(set(losses.values())) == 3  # three different blends
+    best = min(candidates, key=lambda weight: losses[f"{weight:g}"])
+    assert result.selected == "fixed" and result.diagnostics["fixed_fine_weight"] == best
+    for layer in result.alpha:
+        for kind in UNIT_KINDS:
+            assert layer[kind].tolist() == [best, 1 - best]
+    fine_hat, coarse_hat = normalise_within_layers(stats.fine, "rank"), normalise_within_layers(stats.coarse, "rank")
+    expected = blend(fine_hat, coarse_hat, fixed_alpha(3, best))
+    for got, want in zip(result.scores, expected):
+        for kind in UNIT_KINDS:
+            torch.testing.assert_close(got[kind], want[kind])
 
 
 def test_per_sample_losses_match_the_models_own_loss(tiny):

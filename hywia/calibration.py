@@ -44,6 +44,11 @@ def calibration_batch(source: str, tokenizer, model, samples: int, seq_len: int,
     return windows_from_text(read_text(Path(source)), tokenizer, samples, seq_len, seed)
 
 
+def is_model_sampled(source: str) -> bool:
+    """Whether SOURCE's text is sampled from the model being pruned (its gradients then average to zero)."""
+    return source == "self"
+
+
 def read_text(path: Path) -> str:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())

@@ -6,6 +6,8 @@ Per weight k with batch gradient g_k and empirical-Fisher diagonal F_k:
     coarse(u) = | mean_n d_n(u) − ½·mean_n d_n(u)² |,  d_n(u) = Σ_{k∈u} w_k·∂ℒ_n/∂w_k
                                                      (the unit as one block, first-order + Fisher form)
 plus LLM-Pruner's element-wise first-order Σ|w_k·g_k| and the magnitude floor Σ|w_k|.
+On text the model sampled itself (`self` calibration) the first-order parts average to zero in expectation and
+are left out: fine(u) = Σ ½·w_k²·F_k, coarse(u) = ½·mean_n d_n(u)² (see `collect_statistics`).
 
 Memory: a hook on each prunable parameter folds every per-sample gradient into float32 sums (Σg, Σg²) and
 per-unit block sums (tiny), then drops it; the layers are taken in chunks whose sums fit a budget
@@ -63,7 +65,7 @@ def magnitude_scores(model) -> LayerScores:
 
 
 def collect_statistics(model, batch: torch.Tensor, progress: bool = True,
-                       budget_bytes: int | None = None) -> UnitStatistics:
+                       budget_bytes: int | None = None, model_sampled: bool = False) -> UnitStatistics:
     """One forward/backward per calibration sample and chunk of layers; returns every gradient-based unit score.
 
     Memory stays a small multiple of the weights at any model size: the layers are taken in chunks whose
@@ -72,7 +74,13 @@ def collect_statistics(model, batch: torch.Tensor, progress: bool = True,
     gradient is folded into those float32 sums as soon as backward has formed it and then dropped, so no batch
     gradient is ever held in `.grad`. Gradients are formed in the model's dtype (bf16/fp16 on a GPU); every sum
     is float32. A chunk's scores are computed and its sums freed before the next chunk starts. The scores do not
-    depend on the chunking: each weight's per-sample gradient is the same backward computation either way."""
+    depend on the chunking: each weight's per-sample gradient is the same backward computation either way.
+
+    MODEL_SAMPLED: the batch was sampled from the model itself (`self` calibration). Then the expected
+    gradient of the log-likelihood is zero (the score-function identity E_{y~p}[∇ log p(y)] = 0), so the
+    first-order terms w·g and mean_n d_n are pure sampling noise, and at 32 samples that noise is larger than
+    the second-order term it would be added to. The `fine` and `coarse` scores then keep only their
+    second-order parts, ½·w²·F and ½·mean_n d_n²; the first-order rivals are still reported as measured."""
     layers = decoder_layers(model)
     if budget_bytes is None:
         from hywia.devices import statistics_budget_bytes
@@ -89,7 +97,7 @@ def collect_statistics(model, batch: torch.Tensor, progress: bool = True,
         with tqdm(total=batch.shape[0] * len(chunks), desc=f"gradients ({len(chunks)} chunk(s) of layers)",
                   unit="sample", disable=not progress) as bar:
             for chunk in chunks:
-                per_layer.update(_chunk_statistics(model, layers, chunk, batch, bar))
+                per_layer.update(_chunk_statistics(model, layers, chunk, batch, bar, model_sampled))
     finally:
         for param in model.parameters():
             param.grad = None
@@ -119,7 +127,8 @@ def layer_chunks(layers, budget_bytes: int) -> list[list[int]]:
     return chunks
 
 
-def _chunk_statistics(model, layers, chunk: list[int], batch: torch.Tensor, bar) -> dict[int, dict]:
+def _chunk_statistics(model, layers, chunk: list[int], batch: torch.Tensor, bar,
+                      model_sampled: bool) -> dict[int, dict]:
     """Every sample's gradients of the CHUNK's prunable weights → that chunk's scores, per layer index."""
     samples = batch.shape[0]
     grad_sum, grad_sq_sum = {}, {}  # per parameter, float32, the chunk's only element-wise memory
@@ -170,15 +179,19 @@ def _chunk_statistics(model, layers, chunk: list[int], batch: torch.Tensor, bar)
             def taylor_first(m):
                 return m.param.detach().float() * (grad_sum[id(m.param)] / samples)
 
-            def taylor_second(m):
+            def fisher_term(m):
                 w = m.param.detach().float()
-                return taylor_first(m) - 0.5 * w * w * (grad_sq_sum[id(m.param)] / samples)
+                return 0.5 * w * w * (grad_sq_sum[id(m.param)] / samples)
 
-            per_kind["fine"][kind] = _sum_over_members(layer, kind, lambda m: taylor_second(m).abs())
+            def taylor_second(m):
+                return taylor_first(m) - fisher_term(m)
+
+            fine = fisher_term if model_sampled else (lambda m: taylor_second(m).abs())  # fisher_term is ≥ 0
+            per_kind["fine"][kind] = _sum_over_members(layer, kind, fine)
             per_kind["fine_first_order"][kind] = _sum_over_members(layer, kind, lambda m: taylor_first(m).abs())
             mean_d = block_sum[(index, kind)].cpu() / samples
             mean_d2 = block_sq_sum[(index, kind)].cpu() / samples
-            per_kind["coarse"][kind] = (mean_d - 0.5 * mean_d2).abs()
+            per_kind["coarse"][kind] = 0.5 * mean_d2 if model_sampled else (mean_d - 0.5 * mean_d2).abs()
             per_kind["coarse_first_order"][kind] = mean_d.abs()
         scores[index] = per_kind
     return scores

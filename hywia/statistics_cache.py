@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from hywia.cache import code_digest, content_key
-from hywia.calibration import calibration_batch
+from hywia.calibration import calibration_batch, is_model_sampled
 from hywia.scores import UnitStatistics, collect_statistics
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def calibration_statistics(model, tokenizer, source_digest: str, calibration: st
     """(calibration batch, statistics, whether they came from the cache). `cache_dir` None: no cache."""
     if cache_dir is None:
         batch = calibration_batch(calibration, tokenizer, model, samples, seq_len, seed)
-        return batch, collect_statistics(model, batch, progress), False
+        return batch, collect_statistics(model, batch, progress, model_sampled=is_model_sampled(calibration)), False
     key = statistics_key(source_digest, calibration, samples, seq_len, seed)
     path = Path(cache_dir) / "statistics" / f"{key}.pt"
     if path.is_file():
@@ -44,7 +44,7 @@ def calibration_statistics(model, tokenizer, source_digest: str, calibration: st
         except Exception as exc:  # a truncated or foreign file: recompute rather than fail
             log.warning("calibration statistics at %s unreadable (%s); recomputing", path, exc)
     batch = calibration_batch(calibration, tokenizer, model, samples, seq_len, seed)
-    stats = collect_statistics(model, batch, progress)
+    stats = collect_statistics(model, batch, progress, model_sampled=is_model_sampled(calibration))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     torch.save({"batch": batch, "stats": dataclasses.asdict(stats)}, staging)

@@ -16,8 +16,9 @@ def _batch(samples=3, seq_len=24, seed=0):
     return torch.randint(0, 384, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def reference_statistics(model, batch):
-    """HYWIA.md §2–3 written out: every per-sample gradient of every prunable weight at once (torch.autograd.grad)."""
+def reference_statistics(model, batch, model_sampled=False):
+    """HYWIA.md §2–3 written out: every per-sample gradient of every prunable weight at once (torch.autograd.grad).
+    MODEL_SAMPLED: the second-order parts alone for `fine` and `coarse` (text the model sampled itself)."""
     layers = list(model.model.layers)
     members = [(i, kind, m) for i, layer in enumerate(layers) for kind in UNIT_KINDS for m in unit_members(layer, kind)]
     params = [m.param for _, _, m in members]
@@ -38,23 +39,27 @@ def reference_statistics(model, batch):
         def units(x):
             return x.movedim(member.dim, 0).reshape(n_units, -1).sum(1)
 
-        out["fine"][i][kind] += units((w * g - 0.5 * w * w * fisher).abs())
+        first, second = (0.0 if model_sampled else w * g), 0.5 * w * w * fisher
+        out["fine"][i][kind] += units((first - second).abs())
         out["fine_first_order"][i][kind] += units((w * g).abs())
         for n in range(len(per_sample)):
             d[n][i][kind] += units(w * grads[n])
     mean_d = [{k: sum(d[n][i][k] for n in range(len(d))) / len(d) for k in UNIT_KINDS} for i in range(len(layers))]
     mean_d2 = [{k: sum(d[n][i][k] ** 2 for n in range(len(d))) / len(d) for k in UNIT_KINDS} for i in range(len(layers))]
-    out["coarse"] = [{k: (mean_d[i][k] - 0.5 * mean_d2[i][k]).abs() for k in UNIT_KINDS} for i in range(len(layers))]
+    kept_mean_d = [{k: 0.0 * v if model_sampled else v for k, v in layer.items()} for layer in mean_d]
+    out["coarse"] = [{k: (kept_mean_d[i][k] - 0.5 * mean_d2[i][k]).abs() for k in UNIT_KINDS} for i in range(len(layers))]
     out["coarse_first_order"] = [{k: mean_d[i][k].abs() for k in UNIT_KINDS} for i in range(len(layers))]
     return out
 
 
+@pytest.mark.parametrize("model_sampled", [False, True], ids=["text", "model-sampled"])
 @pytest.mark.parametrize("gqa", [True, False], ids=["gqa", "mha"])
-def test_statistics_match_the_formulas(gqa):
+def test_statistics_match_the_formulas(gqa, model_sampled):
     model = tiny_model(gqa=gqa, layers=3).double()
     batch = _batch()
-    expected = reference_statistics(model, batch)
-    stats = collect_statistics(model, batch, progress=False, budget_bytes=1)  # one layer per chunk
+    expected = reference_statistics(model, batch, model_sampled)
+    stats = collect_statistics(model, batch, progress=False, budget_bytes=1,  # one layer per chunk
+                               model_sampled=model_sampled)
     for name, reference in expected.items():
         for got_layer, want_layer in zip(getattr(stats, name), reference):
             for kind in UNIT_KINDS:

@@ -31,9 +31,12 @@ def statistics_key(source_digest: str, calibration: str, samples: int, seq_len: 
 def calibration_statistics(model, tokenizer, source_digest: str, calibration: str, samples: int, seq_len: int,
                            seed: int, cache_dir=None, progress: bool = True) -> tuple[torch.Tensor, UnitStatistics, bool]:
     """(calibration batch, statistics, whether they came from the cache). `cache_dir` None: no cache."""
-    if cache_dir is None:
+    def computed() -> tuple[torch.Tensor, UnitStatistics]:
         batch = calibration_batch(calibration, tokenizer, model, samples, seq_len, seed)
-        return batch, collect_statistics(model, batch, progress, model_sampled=is_model_sampled(calibration)), False
+        return batch, collect_statistics(model, batch, progress, model_sampled=is_model_sampled(calibration))
+
+    if cache_dir is None:
+        return *computed(), False
     key = statistics_key(source_digest, calibration, samples, seq_len, seed)
     path = Path(cache_dir) / "statistics" / f"{key}.pt"
     if path.is_file():
@@ -43,8 +46,7 @@ def calibration_statistics(model, tokenizer, source_digest: str, calibration: st
             return saved["batch"], UnitStatistics(**saved["stats"]), True
         except Exception as exc:  # a truncated or foreign file: recompute rather than fail
             log.warning("calibration statistics at %s unreadable (%s); recomputing", path, exc)
-    batch = calibration_batch(calibration, tokenizer, model, samples, seq_len, seed)
-    stats = collect_statistics(model, batch, progress, model_sampled=is_model_sampled(calibration))
+    batch, stats = computed()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     torch.save({"batch": batch, "stats": dataclasses.asdict(stats)}, staging)

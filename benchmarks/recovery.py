@@ -2,11 +2,10 @@
 
 Per ratio: the dense model writes the recovery data and its top-k teacher targets (once, cached under
 .cache/recovery-bench, shared by every ratio), the current pipeline prunes it (`prune_model`,
-PruneOptions(ratio=R), all other options default), then ONE recovery run of the largest step count is
-evaluated at every requested step count on the way: the learning rate is constant after a fixed
-warm-up, so the first N steps of a long run are exactly an N-step run. Perplexity is measured on
-the adapter-wrapped model (equal to the merged one to float tolerance: tests/test_recovery.py);
-for the steps in --chat-steps a merged copy is exported and asked the chat check through the
+PruneOptions(ratio=R), all other options default), then one recovery run per requested step count
+(the learning rate decays to zero at each run's last step, so a short run is not a prefix of a long
+one), each from the same plain prune (reloaded from the cache) and evaluated merged; for the steps in
+--chat-steps the merged model is exported and asked the chat check through the
 OpenAI endpoint (benchmarks/chat_check.py, `hywia serve EXPORT --ratio 0 --engine torch`).
 
     nohup .venv/bin/python benchmarks/recovery.py --ratios 0.2,0.5 --steps 0,50,100,200,400 \
@@ -19,7 +18,6 @@ recovery.md and recovery.png (perplexity vs steps, the dense line and LLM-Pruner
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import hashlib
 import json
@@ -146,27 +144,25 @@ def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], window
     tick = time.perf_counter()
     plan, report = pruned(loaded, ratio)
     prune_seconds = time.perf_counter() - tick
-    model, tokenizer = loaded.model, loaded.tokenizer
     run = {"ratio": ratio, "ratio_achieved": report["ratio_achieved"], "prune_seconds": prune_seconds,
            "data_and_teacher_seconds": data_seconds, "trained_tokens": data.trained_tokens, "points": []}
     record(run)
-
-    def evaluate(step: int, wrapped) -> None:
-        if step not in steps:
-            return
-        point = {"steps": step, "wikitext2": perplexity(model, windows)}
-        if step in chat_steps:
-            merged = copy.deepcopy(wrapped).merge_and_unload() if wrapped is not None else model
-            point["chat"] = chat(merged, tokenizer, plan, report, f"r{ratio}-s{step}")
+    for count in sorted(steps):
+        # The rate decays to zero at a run's last step, so each step count is a run of its own from the
+        # plain prune (reloaded from .cache/recovery-bench), not a checkpoint of a longer one.
+        if count:
+            loaded = load_model(str(model_dir))
+            pruned(loaded, ratio)
+            result = recover(loaded.model, data, targets, steps=count, lr=args.lr, rank=args.rank,
+                             batch_size=args.batch_size, kd_weight=args.kd_weight, seed=args.seed)
+            run["recovery"] = result.to_dict()  # the longest run's, for the report's s/step
+        point = {"steps": count, "wikitext2": perplexity(loaded.model, windows)}
+        if count:
+            point["seconds_per_step"] = result.seconds_per_step
+        if count in chat_steps:
+            point["chat"] = chat(loaded.model, loaded.tokenizer, plan, report, f"r{ratio}-s{count}")
         run["points"].append(point)
-        log.info("ratio %s, %d steps: %s", ratio, step, {k: v for k, v in point.items() if k != "chat"})
-        record(run)
-
-    evaluate(0, None)
-    if max(steps) > 0:
-        result = recover(model, data, targets, steps=max(steps), lr=args.lr, rank=args.rank,
-                         batch_size=args.batch_size, kd_weight=args.kd_weight, seed=args.seed, on_step=evaluate)
-        run["recovery"] = {key: value for key, value in result.to_dict().items()}
+        log.info("ratio %s, %d steps: %s", ratio, count, {k: v for k, v in point.items() if k != "chat"})
         record(run)
 
 
@@ -229,9 +225,9 @@ def write_report(payload: dict, json_path: Path) -> None:
     for run in runs:
         if run["ratio"] == 0.0:
             continue
-        per_step = run.get("recovery", {}).get("seconds_per_step")
         flagged = "*" if run.get("recovery", {}).get("seconds_per_step_note") else ""
         for point in run["points"]:
+            per_step = point.get("seconds_per_step", run.get("recovery", {}).get("seconds_per_step"))
             chat_right = point.get("chat", {}).get("right")
             chat_cell = "" if chat_right is None else f"{chat_right}/{point['chat']['total']}" + (
                 f" ({chat_right / dense_chat:.0%} of dense)" if dense_chat else "")
@@ -258,7 +254,7 @@ def plot(runs: list[dict], dense: dict | None, path: Path) -> None:
     ratios = sorted({r["ratio"] for r in runs if r["ratio"] > 0})
     figure, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
     for axis, ratio in zip(axes[0], ratios):
-        by_label: dict[str, dict[int, float]] = {}  # runs of one configuration are checkpoints of one curve
+        by_label: dict[str, dict[int, float]] = {}  # the runs of one configuration form one curve
         for run in (r for r in runs if r["ratio"] == ratio):
             by_label.setdefault(run["label"], {}).update({p["steps"]: p["wikitext2"] for p in run["points"]})
         for label, curve in by_label.items():

@@ -36,16 +36,18 @@ PEFT_INSTALL = "pip install 'peft>=0.21,<0.22' (a base dependency of hywia: rein
 
 @dataclass(frozen=True)
 class RecoveryOptions:
-    # Measured (benchmarks/results/recovery.md; SmolLM2 at 0.2, self data, 4 rows a step, ~3.4 s a step on
-    # 2 CPU cores): WikiText-2 (100 windows) 238 → 216 / 197 / 198 / 202 and chat 2 → 9 / – / 14 / 16 of 36
-    # (dense 25) at 30 / 50 / 100 / 200 steps. 50 keeps a first start within minutes; more helps chat.
+    # Measured at 0.2 on SmolLM2, seed 0, WikiText-2 first 400 windows, 50 steps on `self` data (2026-12-05,
+    # worktree sweep over one cached prune; benchmarks/results/recovery.md): rank 16 at a constant 1e-3
+    # 116.5, with a linear decay 117.0, at 3e-3 decaying 115.8, rank 64 at 1e-3 decaying 114.6; on the
+    # 64-sample prune rank 16 constant 1e-3 113.5 and rank 64 at 2e-3 decaying 110.3 (this default).
+    # 50 steps keep a first start within minutes; more steps on the same rows add nothing.
     steps: int = 50
-    lr: float = 1e-3
-    rank: int = 16
+    lr: float = 2e-3
+    rank: int = 64
     batch_size: int = 4
     kd_weight: float = 1.0  # 1: distillation only; 0: LM loss only
     seed: int = 0
-    warmup_steps: int = 5  # fixed (not a fraction of `steps`), so a run of N steps is a prefix of one of M > N
+    warmup_steps: int = 5  # then the rate falls linearly to zero at the last step
 
 
 @dataclass
@@ -188,7 +190,7 @@ def recover(pruned_model, data: RecoveryData, targets: TeacherTargets, *, steps:
 
     `should_stop()` is polled before every step: when it returns True the adapters are removed
     unmerged (the model is as it came) and RecoveryStopped is raised. `on_step(step, wrapped)` is
-    called after each step (benchmarks evaluate checkpoints of one run with it).
+    called after each step (its time is not counted as training time).
     """
     options = RecoveryOptions(steps=steps, lr=lr, rank=rank, batch_size=batch_size, kd_weight=kd_weight, seed=seed)
     validate_recovery_options("lora", steps, lr, rank, SELF, batch_size, kd_weight)
@@ -200,7 +202,7 @@ def recover(pruned_model, data: RecoveryData, targets: TeacherTargets, *, steps:
     pruned_model.eval()  # no dropout anywhere (LLaMA has none, LoRA dropout is 0): training = eval numerics
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / options.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate_factor(step, steps, options.warmup_steps))
     order = _row_order(len(data), steps * batch_size, seed)
     losses, kd_losses, lm_losses = [], [], []
     started, callback_seconds = time.perf_counter(), 0.0
@@ -243,6 +245,12 @@ def recover(pruned_model, data: RecoveryData, targets: TeacherTargets, *, steps:
                           trainable_parameters=sum(p.numel() for p in trainable),
                           trained_tokens_per_step=tokens, extra={"data": data.source, "rows": len(data),
                                                                  "top_k": targets.top_k})
+
+
+def _rate_factor(step: int, steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then linear decay to zero at `steps`: the last steps move the weights least, so
+    the merged model does not end on one noisy batch's update (4 rows a step)."""
+    return min(1.0, (step + 1) / warmup_steps) * (1 - step / steps)
 
 
 def _row_order(rows: int, needed: int, seed: int) -> torch.Tensor:

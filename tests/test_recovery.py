@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -16,6 +17,7 @@ from hywia.models import load_model
 from hywia.pipeline import PruneOptions, prune_model
 from hywia.recovery import (
     RecoveryStopped,
+    _rate_factor,
     add_lora,
     distillation_loss,
     merge_lora,
@@ -90,6 +92,13 @@ def test_recover_lowers_distillation_loss_and_returns_a_plain_model(pruned_and_d
     # Merged: the same plain tensors, frozen or not as they came.
     assert {name: (p.shape, p.requires_grad) for name, p in model.named_parameters()} == shapes
     assert not model.training
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step():
+    factors = [_rate_factor(step, 50, warmup_steps=5) for step in range(50)]
+    assert factors[:5] == sorted(factors[:5]) and factors[0] < factors[4]
+    assert all(earlier > later for earlier, later in itertools.pairwise(factors[4:]))  # strictly falling after
+    assert factors[-1] == pytest.approx(1 / 50)  # the last step still moves, barely
 
 
 def test_recover_is_deterministic_for_a_seed(tmp_path, text_file):

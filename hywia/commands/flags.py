@@ -27,8 +27,8 @@ from hywia.sizes import COUNT_HELP, SIZE_HELP
 
 BUILTIN_NAMES = ", ".join(BUILTIN_TEMPLATES)
 # Measured by benchmarks/recovery.py (SmolLM2-135M, 2 CPU cores); shown in --help so the cost is known up front.
-RECOVERY_COST = ("3.4 s a step for SmolLM2-135M on 2 CPU cores, plus 2-3 minutes for the dense model's "
-                 "replies and targets (benchmarks/results/recovery.md, 2026-12-02)")
+RECOVERY_COST = ("about 4 s a step at rank 64 for SmolLM2-135M on 2 CPU cores, plus 3-5 minutes for the dense "
+                 "model's replies, own text and targets (benchmarks/results/recovery.md, 2026-12-05)")
 
 
 class _RatioAction(argparse.Action):

@@ -37,7 +37,7 @@ PEFT_INSTALL = "pip install 'peft>=0.21,<0.22' (a base dependency of hywia: rein
 @dataclass(frozen=True)
 class RecoveryOptions:
     # Measured at 0.2 on SmolLM2, seed 0, WikiText-2 first 400 windows, 50 steps on `self` data (2026-12-05,
-    # worktree sweep over one cached prune; benchmarks/results/recovery.md): rank 16 at a constant 1e-3
+    # worktree sweep over one cached prune; benchmarks/results/recovery-sweep.json): rank 16 at a constant 1e-3
     # 116.5, with a linear decay 117.0, at 3e-3 decaying 115.8, rank 64 at 1e-3 decaying 114.6; on the
     # 64-sample prune rank 16 constant 1e-3 113.5 and rank 64 at 2e-3 decaying 110.3 (this default).
     # 50 steps keep a first start within minutes; more steps on the same rows add nothing.

@@ -33,7 +33,7 @@ class PruneOptions:
     importance: str = "hybrid"
     calibration: str = "self"  # 'self' or an absolute path (resolve_calibration makes one)
     # 64: `self` calibration at 0.2 (SmolLM2, seed 0, WikiText-2 400 windows, no recovery) 135.4 with 32
-    # samples, 127.4 with 64 (2026-12-05); the statistics pass takes about twice as long.
+    # samples, 127.4 with 64 (2026-12-05, benchmarks/results/recovery-sweep.json); that prune took 360 s, not 223 s.
     samples: int = 64
     seq_len: int = 128
     seed: int = 0

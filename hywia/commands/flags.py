@@ -26,9 +26,10 @@ from hywia.recovery import RecoveryOptions
 from hywia.sizes import COUNT_HELP, SIZE_HELP
 
 BUILTIN_NAMES = ", ".join(BUILTIN_TEMPLATES)
-# Measured by benchmarks/recovery.py (SmolLM2-135M, 2 CPU cores); shown in --help so the cost is known up front.
+# Measured on SmolLM2-135M, 2 CPU cores (the rank-64 row of benchmarks/results/recovery-sweep.json: 203 s for
+# 50 steps; the data and targets took 262 s in recovery.md); shown in --help so the cost is known up front.
 RECOVERY_COST = ("about 4 s a step at rank 64 for SmolLM2-135M on 2 CPU cores, plus 3-5 minutes for the dense "
-                 "model's replies, own text and targets (benchmarks/results/recovery.md, 2026-12-05)")
+                 "model's replies, own text and targets (benchmarks/results/recovery-sweep.json, 2026-12-05)")
 
 
 class _RatioAction(argparse.Action):

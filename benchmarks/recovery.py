@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recover-data", default="self",
                         help="'self', 'self-chat', 'self-text', 'self+gutenberg' or 'gutenberg' (the data folder's "
                              "calibration books), or a path")
+    parser.add_argument("--calibration", default="self",
+                        help="the prune's calibration: 'self' (the default), 'gutenberg' (the data folder's books), or a path")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=32)
@@ -79,10 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def data_spec(args) -> str:
+def with_data_dir(spec: str, args) -> str:
+    """SPEC with 'gutenberg' standing for the data folder's calibration books."""
     gutenberg = str(Path(args.data_dir) / "calibration" / "gutenberg")
-    return args.recover_data.replace("gutenberg", gutenberg) if "gutenberg" in args.recover_data \
-        else args.recover_data
+    return spec.replace("gutenberg", gutenberg) if "gutenberg" in spec else spec
+
+
+def data_spec(args) -> str:
+    return with_data_dir(args.recover_data, args)
 
 
 def teacher_cache(loaded, args):
@@ -103,11 +109,11 @@ def teacher_cache(loaded, args):
     return (data, targets), seconds
 
 
-def pruned(loaded, ratio: float):
-    """The plain prune (the default options with recover="none": recovery is what is measured here), in
-    place. The pruned weights (reconstruction included) are kept under .cache/recovery-bench, keyed like
+def pruned(loaded, ratio: float, calibration: str = "self"):
+    """The plain prune (the default options with recover="none": recovery is what is measured here; the
+    calibration text CALIBRATION), in place. The pruned weights (reconstruction included) are kept under .cache/recovery-bench, keyed like
     an export (source, options, code), so a later run of the same code starts from the same model in seconds."""
-    options = PruneOptions(ratio=ratio, recover="none")
+    options = PruneOptions(ratio=ratio, recover="none", calibration=calibration)
     path = ROOT / ".cache" / "recovery-bench" / f"pruned-{export_key(loaded.resolved.digest, options)}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=False)
@@ -142,7 +148,7 @@ def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], window
     loaded = load_model(str(model_dir))
     (data, targets), data_seconds = teacher_cache(loaded, args)
     tick = time.perf_counter()
-    plan, report = pruned(loaded, ratio)
+    plan, report = pruned(loaded, ratio, with_data_dir(args.calibration, args))
     prune_seconds = time.perf_counter() - tick
     run = {"ratio": ratio, "ratio_achieved": report["ratio_achieved"], "prune_seconds": prune_seconds,
            "data_and_teacher_seconds": data_seconds, "trained_tokens": data.trained_tokens, "points": []}
@@ -152,7 +158,7 @@ def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], window
         # plain prune (reloaded from .cache/recovery-bench), not a checkpoint of a longer one.
         if count:
             loaded = load_model(str(model_dir))
-            pruned(loaded, ratio)
+            pruned(loaded, ratio, with_data_dir(args.calibration, args))
             result = recover(loaded.model, data, targets, steps=count, lr=args.lr, rank=args.rank,
                              batch_size=args.batch_size, kd_weight=args.kd_weight, seed=args.seed)
             run["recovery"] = result.to_dict()  # the longest run's, for the report's s/step
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     steps, chat_steps = numbers(args.steps, int), set(numbers(args.chat_steps, int))
     payload = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     config = {"label": args.label or f"{args.recover_data}-kd{args.kd_weight}-lr{args.lr:g}-r{args.rank}",
-              "recover_data": args.recover_data, "samples": args.samples, "seq_len": args.seq_len,
+              "calibration": args.calibration, "recover_data": args.recover_data, "samples": args.samples, "seq_len": args.seq_len,
               "top_k": args.top_k, "lr": args.lr, "rank": args.rank, "batch_size": args.batch_size,
               "kd_weight": args.kd_weight, "seed": args.seed, "windows": args.windows,
               "command": shlex.join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),

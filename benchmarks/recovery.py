@@ -272,6 +272,7 @@ def plot(runs: list[dict], dense: dict | None, path: Path) -> None:
         if peer_ppl:
             axis.axhline(peer_ppl, color="red", linestyle=":", label=f"LLM-Pruner {peer_ratio:.2%}, no recovery")
         axis.set(title=f"ratio {ratio:g}", xlabel="recovery steps", ylabel="WikiText-2 perplexity (log)", yscale="log")
+        axis.set_xlim(left=-10)  # from step 0, also where a ratio has only a long run
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -82,9 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def with_data_dir(spec: str, args) -> str:
-    """SPEC with 'gutenberg' standing for the data folder's calibration books."""
-    gutenberg = str(Path(args.data_dir) / "calibration" / "gutenberg")
-    return spec.replace("gutenberg", gutenberg) if "gutenberg" in spec else spec
+    """SPEC with the name 'gutenberg' (alone or after 'self+') standing for the data folder's calibration
+    books; any other spec, a user's path included, is passed on as given."""
+    books = str(Path(args.data_dir) / "calibration" / "gutenberg")
+    return {"gutenberg": books, "self+gutenberg": f"self+{books}"}.get(spec, spec)
 
 
 def data_spec(args) -> str:
@@ -111,8 +112,9 @@ def teacher_cache(loaded, args):
 
 def pruned(loaded, ratio: float, calibration: str = "self"):
     """The plain prune (the default options with recover="none": recovery is what is measured here; the
-    calibration text CALIBRATION), in place. The pruned weights (reconstruction included) are kept under .cache/recovery-bench, keyed like
-    an export (source, options, code), so a later run of the same code starts from the same model in seconds."""
+    calibration text CALIBRATION), in place. The pruned weights (reconstruction included) are kept under
+    .cache/recovery-bench, keyed like an export (source, options, code), so a later run of the same code
+    starts from the same model in seconds."""
     options = PruneOptions(ratio=ratio, recover="none", calibration=calibration)
     path = ROOT / ".cache" / "recovery-bench" / f"pruned-{export_key(loaded.resolved.digest, options)}.pt"
     if path.exists():
@@ -147,8 +149,9 @@ def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], window
     model_dir, _ = ensure_default_model(ROOT / ".cache" / "test")
     loaded = load_model(str(model_dir))
     (data, targets), data_seconds = teacher_cache(loaded, args)
+    calibration = with_data_dir(args.calibration, args)
     tick = time.perf_counter()
-    plan, report = pruned(loaded, ratio, with_data_dir(args.calibration, args))
+    plan, report = pruned(loaded, ratio, calibration)
     prune_seconds = time.perf_counter() - tick
     run = {"ratio": ratio, "ratio_achieved": report["ratio_achieved"], "prune_seconds": prune_seconds,
            "data_and_teacher_seconds": data_seconds, "trained_tokens": data.trained_tokens, "points": []}
@@ -158,7 +161,7 @@ def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], window
         # plain prune (reloaded from .cache/recovery-bench), not a checkpoint of a longer one.
         if count:
             loaded = load_model(str(model_dir))
-            pruned(loaded, ratio, with_data_dir(args.calibration, args))
+            pruned(loaded, ratio, calibration)
             result = recover(loaded.model, data, targets, steps=count, lr=args.lr, rank=args.rank,
                              batch_size=args.batch_size, kd_weight=args.kd_weight, seed=args.seed)
             run["recovery"] = result.to_dict()  # the longest run's, for the report's s/step

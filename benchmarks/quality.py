@@ -94,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reconstruct", default=PruneOptions.reconstruct, help="as `hywia prune --reconstruct`")
     parser.add_argument("--recover", default=PruneOptions.recover, help="as `hywia prune --recover`")
     parser.add_argument("--recover-steps", type=int, default=PruneOptions.recover_steps)
+    parser.add_argument("--min-keep", type=float, default=PruneOptions.min_keep,
+                        help="as `hywia prune --min-keep` (global layouts: each layer's floor)")
     parser.add_argument("--seq-len", type=int, default=128, help="perplexity window")
     parser.add_argument("--batch-size", type=int, default=64, help="at most this many sequences per forward pass")
     parser.add_argument("--cache-dir", default=None, help="hywia cache (exports are reused from there)")
@@ -135,7 +137,7 @@ def run_one(run: dict, args, eval_options: EvalOptions) -> dict:
         calibration = calibration_source(run["calibration"], args.data_dir, CALIBRATIONS)
         options = PruneOptions(ratio=run["ratio"], calibration=calibration, samples=args.samples,
                                seq_len=args.calibration_seq_len, seed=run["seed"], reconstruct=args.reconstruct,
-                               recover=args.recover, recover_steps=args.recover_steps,
+                               recover=args.recover, recover_steps=args.recover_steps, min_keep=args.min_keep,
                                **method_fields(run["method"]))
         export = prepare_export(resolve_source(args.model, args.cache_dir), options, cache_dir=args.cache_dir)
         report = export.report
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
     settings = {"model": args.model, "model_digest": resolve_source(args.model, args.cache_dir).digest,
                 "limits": limits, "seq_len": args.seq_len, "samples": args.samples,
                 "calibration_seq_len": args.calibration_seq_len, "reconstruct": args.reconstruct,
-                "recover": args.recover, "recover_steps": args.recover_steps if args.recover != "none" else 0}
+                "recover": args.recover, "recover_steps": args.recover_steps if args.recover != "none" else 0,
+                "min_keep": args.min_keep}
     saved = json.loads(json_path.read_text()) if json_path.exists() and not args.fresh else {}
     if args.report_only:
         if not saved:
@@ -280,7 +283,8 @@ def header_lines(payload: dict, tasks: list[str], dense: dict | None) -> list[st
          "model writes, 'gutenberg' = ../shared/data/calibration/gutenberg; magnitude and random use none"),
         (f"- repair after cutting: --reconstruct {settings.get('reconstruct', 'none')}, --recover "
          f"{settings.get('recover', 'none')}"
-         + (f" ({settings['recover_steps']} steps)" if settings.get("recover", "none") != "none" else "")),
+         + (f" ({settings['recover_steps']} steps)" if settings.get("recover", "none") != "none" else "")
+         + (f"; global layouts keep ≥ {settings['min_keep']:g} of each layer's units" if "min_keep" in settings else "")),
         ("- retention = above-chance retention of the average headline accuracy, "
          "(pruned − chance) / (dense − chance), chance = mean of 1/choices"),
         "",
@@ -347,6 +351,21 @@ PERPLEXITY_GOALS = ((0.2108, 144.0, "issue 13: 0.7× the peer's excess log-perpl
                     (0.5, 317.0, "issue 14: 0.25× the peer"))
 
 
+def non_default_settings(settings: dict) -> list[str]:
+    """The grid's pruning settings that differ from `hywia prune`'s defaults, as flags."""
+    defaults = PruneOptions()
+    flags = {"samples": "--samples", "reconstruct": "--reconstruct", "recover": "--recover",
+             "recover_steps": "--recover-steps", "min_keep": "--min-keep"}
+    changed = []
+    for field, flag in flags.items():
+        value = settings.get(field)
+        if value is None or (field == "recover_steps" and settings.get("recover") == "none"):
+            continue
+        if value != getattr(defaults, field):
+            changed.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return changed
+
+
 def default_goal_lines(groups: dict, settings: dict) -> list[str]:
     """Each perplexity goal against the mean over seeds of the default method at that ratio."""
     method = default_method()
@@ -360,8 +379,9 @@ def default_goal_lines(groups: dict, settings: dict) -> list[str]:
             if values:
                 mean = sum(values) / len(values)
                 # Only `self` calibration is the default; with a corpus it is the default pipeline on the user's text.
-                what = ("default configuration" if calibration == PruneOptions.calibration
-                        else f"default configuration but --calibration {calibration}")
+                changed = [f"--calibration {calibration}"] if calibration != PruneOptions.calibration else []
+                changed += non_default_settings(settings)
+                what = "default configuration" + (f" but {', '.join(changed)}" if changed else "")
                 lines.append(f"- {what} ({method}, {calibration}, reconstruct "
                              f"{settings.get('reconstruct', 'none')}, recover {settings.get('recover', 'none')}) "
                              f"r{ratio:g}: WikiText-2 {mean:.1f} over {len(values)} seed(s) vs ≤ {ceiling:g} ({source}): "

@@ -88,10 +88,15 @@ def test_report_checks_the_default_configurations_perplexity_goals_and_shows_the
     for seed, ppl in ((0, 130.0), (1, 150.0), (2, 140.0)):  # mean 140: under 144, over 111 and 89
         key, run = fake_run(default, 0.2108, "self", ppl, {"piqa": (0.6, 0.5), "arc_easy": (0.45, 0.25)}, seed)
         data["runs"][key] = run
+    data["settings"]["samples"] = quality.PruneOptions.samples  # the payload's 32 is not the default
     path = tmp_path / "quality.md"
     quality.write_markdown(data, path)
     text = path.read_text()
     assert f"default configuration ({default}, self" in text
+    # a grid run with a setting off the default says so on the goal line, not "default configuration"
+    data["settings"].update(samples=128, min_keep=0.6)
+    quality.write_markdown(data, path)
+    assert f"default configuration but --samples 128, --min-keep 0.6 ({default}, self" in path.read_text()
     assert "r0.2108: WikiText-2 140.0 over 3 seed(s) vs ≤ 144 (issue 13: 0.7× the peer's excess log-perplexity): **met**" in text
     assert "r0.2108: WikiText-2 140.0 over 3 seed(s) vs ≤ 89 (issue 13's aim: FLAP's margin over LLM-Pruner): **not met**" in text
     assert "| LLM-Pruner (its own code, measured elsewhere; 400 windows) | 10 × 64 tokens | 0.211 | 205.40 |" in text

@@ -36,7 +36,7 @@ HELDOUT_PROMPTS = (
 def calibration_batch(source: str, tokenizer, model, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """Return a LongTensor [samples, seq_len] of calibration token ids."""
     if samples < 2:
-        raise HywiaError(f"--samples {samples} is too few", "use at least 2 calibration samples (default 64)")
+        raise HywiaError(f"--samples {samples} is too few", "use at least 2 calibration samples (leave --samples out for the default)")
     if seq_len < 8:
         raise HywiaError(f"--seq-len {seq_len} is too short", "use at least 8 tokens (default 128)")
     if source == "self":

@@ -32,9 +32,13 @@ class PruneOptions:
     ratio: float = 0.2  # ignored (and must stay at its default) when a target chooses the ratio
     importance: str = "hybrid"
     calibration: str = "self"  # 'self' or an absolute path (resolve_calibration makes one)
-    # 64: `self` calibration at 0.2 (SmolLM2, seed 0, WikiText-2 400 windows, no recovery) 135.4 with 32
-    # samples, 127.4 with 64 (2026-12-05, benchmarks/results/recovery-sweep.json); that prune took 360 s, not 223 s.
-    samples: int = 64
+    # 128: the default pipeline at 0.2 (SmolLM2, WikiText-2 400 windows, seeds 0/1/2) 111.5/123.7/121.8
+    # (mean 119.0) and chat 16/14/16 of 36, against 110.3/131.9/130.6 (124.3) and 14/13/13 with 64
+    # (benchmarks/results/quality400-r02-samples128 vs quality400-r02, 2026-12-05). The cost: the
+    # calibration, fusion and reconstruction stages take ~2.4x as long, the whole prune 1.76x (seed 0:
+    # 1,722 s vs 979 s, both on 2 shared cores). Earlier, 32 → 64 took seed 0 from 135.4 to 127.4
+    # before recovery (recovery-sweep.json).
+    samples: int = 128
     seq_len: int = 128
     seed: int = 0
     # Per-layer widths with global allocation by default: measured best (benchmarks/results/layouts400/quality.md);

@@ -94,9 +94,10 @@ def test_report_checks_the_default_configurations_perplexity_goals_and_shows_the
     text = path.read_text()
     assert f"default configuration ({default}, self" in text
     # a grid run with a setting off the default says so on the goal line, not "default configuration"
-    data["settings"].update(samples=128, min_keep=0.6)
+    data["settings"].update(samples=quality.PruneOptions.samples + 1, min_keep=0.6)
     quality.write_markdown(data, path)
-    assert f"default configuration but --samples 128, --min-keep 0.6 ({default}, self" in path.read_text()
+    assert (f"default configuration but --samples {quality.PruneOptions.samples + 1}, --min-keep 0.6 ({default}, self"
+            in path.read_text())
     assert "r0.2108: WikiText-2 140.0 over 3 seed(s) vs ≤ 144 (issue 13: 0.7× the peer's excess log-perplexity): **met**" in text
     assert "r0.2108: WikiText-2 140.0 over 3 seed(s) vs ≤ 89 (issue 13's aim: FLAP's margin over LLM-Pruner): **not met**" in text
     assert "| LLM-Pruner (its own code, measured elsewhere; 400 windows) | 10 × 64 tokens | 0.211 | 205.40 |" in text

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hywia.errors import HywiaError
+from hywia.stopping import generation_stopper, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -99,16 +100,18 @@ def heldout_batch(source: str, tokenizer, model, used_samples: int, seq_len: int
 
 @torch.no_grad()
 def self_generated(tokenizer, model, samples: int, seq_len: int, seed: int, batch_size: int = 16,
-                   prompts: tuple[str, ...] = SELF_PROMPTS) -> torch.Tensor:
+                   prompts: tuple[str, ...] = SELF_PROMPTS, stage: str = "self-calibration") -> torch.Tensor:
     """The model's own continuations of varied PROMPTS, sampled at temperature 1 (seeded); every row
     starts with its whole prompt, encoded as the tokenizer encodes any text (a LLaMA tokenizer adds its
     <s>; SmolLM2's adds nothing, where forcing its bos token put a chat-turn marker before prose:
     WikiText-2 188.6 vs 193.7 after a 0.2108 prune, seed 0). Prompts of one batch differ in length, so they are left-padded
-    (masked out, positions counted from each prompt's first token) and each row is cut to SEQ_LEN."""
+    (masked out, positions counted from each prompt's first token) and each row is cut to SEQ_LEN.
+    STAGE names the work in a stop message (hywia.stopping): recovery data is written this way too."""
     torch.manual_seed(seed)
     rows = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in tqdm(range(0, samples, batch_size), desc="self-calibration", unit="batch"):
+    for start in tqdm(range(0, samples, batch_size), desc=stage, unit="batch"):
+        raise_if_stopped(stage)
         count = min(batch_size, samples - start)
         encoded = [tokenizer(prompts[(start + i) % len(prompts)], add_special_tokens=True).input_ids[:seq_len]
                    for i in range(count)]
@@ -122,6 +125,8 @@ def self_generated(tokenizer, model, samples: int, seq_len: int, seed: int, batc
             output = model.generate(
                 input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_p=0.95,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
+                stopping_criteria=generation_stopper(),
             )
+            raise_if_stopped(stage)  # a stop ends generation early: never keep the short rows
         rows += [row[width - len(e):][:seq_len].cpu() for row, e in zip(output, encoded)]
     return torch.stack(rows)

@@ -34,6 +34,7 @@ from hywia.errors import HywiaError
 from hywia.fusion_keys import KEY_FEATURES, key_features
 from hywia.quality import per_sample_losses
 from hywia.scores import LayerScores, normalise_within_layers
+from hywia.stopping import raise_if_stopped
 from hywia.units import ATTENTION, MLP, UNIT_KINDS, KeepCounts, decoder_layers
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def train_fusion(model, fine: LayerScores, coarse: LayerScores, keep: list[KeepC
     try:
         steps = tqdm(range(config.steps), desc="fusion", unit="step", disable=not progress)
         for step in steps:
+            raise_if_stopped("fusion")
             temperature = config.start_temperature * (config.end_temperature / config.start_temperature) ** (
                 step / max(config.steps - 1, 1))
             masks = soft_masks(blend(fine_hat, coarse_hat, current_alpha()), keep, temperature)

@@ -34,6 +34,7 @@ from hywia.recovery_data import recovery_batches, teacher_targets
 from hywia.report import build_report, layer_sizes
 from hywia.sizes import parse_count, parse_size
 from hywia.statistics_cache import calibration_statistics
+from hywia.stopping import PruningStopped, raise_if_stopped, stop_requests
 from hywia.surgery import slice_model
 from hywia.units import count_parameters, layer_shapes
 
@@ -49,8 +50,7 @@ class ExportResult:
 
 
 def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = True,
-                cache_dir=None, meter: MemoryMeter | None = None,
-                should_stop: Callable[[], bool] | None = None) -> tuple[PruningPlan, dict]:
+                cache_dir=None, meter: MemoryMeter | None = None) -> tuple[PruningPlan, dict]:
     """Decide the plan and slice `loaded.model` in place; returns the plan and the report.
 
     Even shares (uniform, protected layers) know their keep counts from the shapes alone (and, with a
@@ -59,8 +59,7 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
     the keep counts (hybrid) is scored after them.
     `cache_dir`: where calibration statistics are cached (None: computed afresh, nothing written).
     `meter`: seconds and memory per stage (the caller's, when it measured loading too).
-    `should_stop`: polled by recovery between steps (`hywia serve` stopping on SIGTERM); True raises
-    hywia.recovery.RecoveryStopped with nothing written.
+    Every long stage honours a stop request (hywia.stopping) between its units of work.
     """
     meter = meter or MemoryMeter()
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -133,7 +132,7 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
         with meter.stage("recovery"):
             stages["recovery"] = recover(
                 model, *recovery_inputs, steps=options.recover_steps, lr=options.recover_lr,
-                rank=options.recover_rank, seed=options.seed, progress=progress, should_stop=should_stop).to_dict()
+                rank=options.recover_rank, seed=options.seed, progress=progress).to_dict()
     quality = probe.after_pruning(model)  # last: after every change to the weights
     report = build_report(
         source=loaded.resolved.source, source_digest=loaded.resolved.digest, options=options, ratio=ratio,
@@ -188,8 +187,7 @@ def prune_to_directory(source: str | None, options: PruneOptions, out_dir: Path,
 
 def _prune_and_export(resolved: ResolvedSource, options: PruneOptions, out_dir: Path, *, device: str, cache_dir,
                       allow_pickle: bool, progress: bool, replace: bool,
-                      notify: Callable[[str], None] = lambda phase: None,
-                      should_stop: Callable[[], bool] | None = None) -> dict:
+                      notify: Callable[[str], None] = lambda phase: None) -> dict:
     """Load in the source's dtype on DEVICE, prune, and write the export in the export dtype, with the
     options' chat template (if any) in its tokenizer; returns the report."""
     meter = MemoryMeter()
@@ -197,8 +195,9 @@ def _prune_and_export(resolved: ResolvedSource, options: PruneOptions, out_dir: 
         loaded = load_resolved(resolved, allow_pickle=allow_pickle, dtype="auto", device=device)
     if options.chat_template is not None:  # from here on the model chats in it (recovery's own replies too)
         loaded.tokenizer.chat_template = options.chat_template
+    raise_if_stopped("loading the source")
     notify("pruning")
-    plan, report = prune_model(loaded, options, progress, cache_root(cache_dir), meter, should_stop)
+    plan, report = prune_model(loaded, options, progress, cache_root(cache_dir), meter)
     notify("exporting")
     write_export(loaded.model, loaded.tokenizer, plan, report, out_dir, dtype=export_dtype(options, loaded),
                  replace=replace)
@@ -220,7 +219,9 @@ def prepare_export(resolved: ResolvedSource, options: PruneOptions, cache_dir=No
                    on_phase: Callable[[str], None] | None = None, progress: bool = True,
                    device: str = "auto", should_stop: Callable[[], bool] | None = None) -> ExportResult:
     """The cached export for (source content, options, code): reused if intact, else built.
-    RESOLVED comes from hywia.models.resolve_source, which hashed the source once; nothing here hashes it again."""
+    RESOLVED comes from hywia.models.resolve_source, which hashed the source once; nothing here hashes it again.
+    `should_stop`: polled by every pruning stage (`hywia serve` on SIGTERM); True raises
+    hywia.stopping.PruningStopped within one unit of work, with nothing written to the cache."""
     started = time.perf_counter()
     device = resolve_device(device)
     notify = on_phase or (lambda phase: None)
@@ -236,9 +237,13 @@ def prepare_export(resolved: ResolvedSource, options: PruneOptions, cache_dir=No
             return ExportResult(target, report, cache_hit=True, seconds=time.perf_counter() - started)
         move_aside(target, problem)
     log.info("export cache miss: pruning %s into %s", resolved.source, target)
-    report = _prune_and_export(resolved, options, target, device=device, cache_dir=cache_dir,
-                               allow_pickle=allow_pickle, progress=progress, replace=False, notify=notify,
-                               should_stop=should_stop)
+    with stop_requests(should_stop):  # `hywia serve` on SIGTERM: every stage stops within one unit of work
+        try:
+            report = _prune_and_export(resolved, options, target, device=device, cache_dir=cache_dir,
+                                       allow_pickle=allow_pickle, progress=progress, replace=False, notify=notify)
+        except PruningStopped as stopped:
+            log.warning("%s", stopped.problem)  # a server shutting down has stopped waiting for this thread
+            raise
     return ExportResult(target, report, cache_hit=False, seconds=time.perf_counter() - started)
 
 

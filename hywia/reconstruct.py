@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from hywia.errors import HywiaError
 from hywia.plan import LayerPlan, PruningPlan
+from hywia.stopping import raise_if_stopped
 from hywia.surgery import _block_indices, zero_removed_units
 from hywia.units import ATTENTION, MLP, decoder_layers, unit_count
 
@@ -111,6 +112,7 @@ def reconstruct(model, plan: PruningPlan, batch: torch.Tensor, *, ridge: float =
     hidden, layer_kwargs = _first_layer_inputs(model, batch)
     for index, (layer, layer_plan) in enumerate(tqdm(list(zip(layers, plan.layers)), desc="reconstruction",
                                                      unit="layer", disable=not progress)):
+        raise_if_stopped("reconstruction")
         hidden = _reconstruct_layer(index, layer, layer_plan, hidden, layer_kwargs, ridge, report)
     zero_removed_units(model, plan)
     report.seconds = time.perf_counter() - started

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from hywia.errors import HywiaError
 from hywia.recovery_data import SELF, RecoveryData, TeacherTargets, data_sources
+from hywia.stopping import raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ class RecoveryReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class RecoveryStopped(HywiaError):
-    """Raised when `should_stop` asks recovery to end early (e.g. SIGTERM during `hywia serve` start-up)."""
 
 
 def validate_recovery_options(mode: str = "lora", steps: int = RecoveryOptions.steps, lr: float = RecoveryOptions.lr,
@@ -184,13 +181,13 @@ def recovery_loss(model, data: RecoveryData, targets: TeacherTargets, rows: torc
 def recover(pruned_model, data: RecoveryData, targets: TeacherTargets, *, steps: int = RecoveryOptions.steps,
             lr: float = RecoveryOptions.lr, rank: int = RecoveryOptions.rank,
             batch_size: int = RecoveryOptions.batch_size, kd_weight: float = RecoveryOptions.kd_weight,
-            seed: int = RecoveryOptions.seed, progress: bool = True, should_stop: Callable[[], bool] | None = None,
+            seed: int = RecoveryOptions.seed, progress: bool = True,
             on_step: Callable[[int, object], None] | None = None) -> RecoveryReport:
     """Train LoRA adapters on `pruned_model` for `steps` AdamW steps, then merge them in place.
 
-    `should_stop()` is polled before every step: when it returns True the adapters are removed
-    unmerged (the model is as it came) and RecoveryStopped is raised. `on_step(step, wrapped)` is
-    called after each step (its time is not counted as training time).
+    A stop request (hywia.stopping) is honoured before every step: the adapters are removed unmerged
+    (the model is as it came) and PruningStopped is raised. `on_step(step, wrapped)` is called after
+    each step (its time is not counted as training time).
     """
     options = RecoveryOptions(steps=steps, lr=lr, rank=rank, batch_size=batch_size, kd_weight=kd_weight, seed=seed)
     validate_recovery_options("lora", steps, lr, rank, SELF, batch_size, kd_weight)
@@ -209,9 +206,7 @@ def recover(pruned_model, data: RecoveryData, targets: TeacherTargets, *, steps:
     try:
         bar = tqdm(range(steps), desc="recovery (LoRA)", unit="step", disable=not progress)
         for step in bar:
-            if should_stop is not None and should_stop():
-                raise RecoveryStopped(f"recovery stopped at step {step} of {steps}: nothing was merged or written",
-                                      "start again to rebuild the export from the beginning")
+            raise_if_stopped(f"recovery (before step {step + 1} of {steps}; the adapters were not merged)")
             rows = order[step * batch_size:(step + 1) * batch_size]
             loss, kd, lm = recovery_loss(pruned_model, data, targets, rows, kd_weight)
             optimizer.zero_grad(set_to_none=True)

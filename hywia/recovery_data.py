@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from hywia.calibration import read_text, self_generated, windows_from_text
 from hywia.errors import HywiaError
 from hywia.recovery_prompts import recovery_prompts
+from hywia.stopping import generation_stopper, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def own_text(tokenizer, dense_model, samples: int, seq_len: int, seed: int) -> R
     another seed): general text in the model's own distribution, so distillation on it restores
     language modelling as a whole, where chat replies alone restore mostly chat. Every token but the
     first of a row is trained on."""
-    ids = self_generated(tokenizer, dense_model, samples, seq_len, seed + _OWN_TEXT_SEED_OFFSET)
+    ids = self_generated(tokenizer, dense_model, samples, seq_len, seed + _OWN_TEXT_SEED_OFFSET,
+                         stage="recovery data (own text)")
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[:, 0] = False
     return RecoveryData(ids, torch.ones_like(ids), loss_mask, source=SELF_TEXT)
@@ -144,13 +146,15 @@ def self_replies(tokenizer, model, samples: int, seq_len: int, seed: int, batch_
     device = model.device
     for start in tqdm(range(0, samples, batch_size), desc="recovery data (dense replies)", unit="batch",
                       disable=not progress):
+        raise_if_stopped("recovery data (dense replies)")
         batch = encoded[start:start + batch_size]
         width = max(len(ids) for ids in batch)
         # Left padding so every prompt ends where generation begins.
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         output = model.generate(input_ids, attention_mask=attention, do_sample=False, max_new_tokens=seq_len - width,
-                                eos_token_id=stop_ids, pad_token_id=pad_id)
+                                eos_token_id=stop_ids, pad_token_id=pad_id, stopping_criteria=generation_stopper())
+        raise_if_stopped("recovery data (dense replies)")  # a stop cuts the replies short: never keep them
         for prompt_ids, generated in zip(batch, output[:, width:].tolist()):
             reply = _cut_at_stop(generated, stop_ids)
             row = (prompt_ids + reply)[:seq_len]
@@ -218,6 +222,7 @@ def teacher_targets(dense_model, data: RecoveryData, top_k: int = 32, batch_size
     trained = data.predicting_positions()
     for start in tqdm(range(0, rows, batch_size), desc="recovery teacher (dense top-k)", unit="batch",
                       disable=not progress):
+        raise_if_stopped("recovery teacher (dense top-k)")
         stop = min(start + batch_size, rows)
         logits = dense_model(input_ids=data.input_ids[start:stop].to(device),
                              attention_mask=data.attention_mask[start:stop].to(device), use_cache=False).logits

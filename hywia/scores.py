@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hywia.finite import require_finite
+from hywia.stopping import raise_if_stopped
 from hywia.units import UNIT_KINDS, decoder_layers, per_unit_sum, unit_count, unit_members
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ def _chunk_statistics(model, layers, chunk: list[int], batch: torch.Tensor, bar,
             block_sum[key], block_sq_sum[key] = torch.zeros_like(block_now[key]), torch.zeros_like(block_now[key])
     try:
         for n in range(samples):
+            raise_if_stopped("gradients")
             input_ids = batch[n:n + 1].to(model.device)
             model(input_ids=input_ids, labels=input_ids).loss.backward()
             for key, now in block_now.items():

@@ -16,7 +16,6 @@ from hywia.errors import HywiaError
 from hywia.models import load_model
 from hywia.pipeline import PruneOptions, prune_model
 from hywia.recovery import (
-    RecoveryStopped,
     _rate_factor,
     add_lora,
     distillation_loss,
@@ -27,6 +26,7 @@ from hywia.recovery import (
 )
 from hywia.recovery_data import recovery_batches, teacher_targets
 from hywia.recovery_prompts import recovery_prompts
+from hywia.stopping import PruningStopped, stop_requests
 from tests.conftest import REPO_ROOT
 from tests.tiny import save_tiny_model
 
@@ -115,13 +115,14 @@ def test_recover_is_deterministic_for_a_seed(tmp_path, text_file):
     torch.testing.assert_close(results[0][1], results[1][1], atol=0, rtol=0)
 
 
-def test_should_stop_raises_and_leaves_the_model_as_it_was(pruned_and_data):
+def test_a_stop_request_raises_and_leaves_the_model_as_it_was(pruned_and_data):
     loaded, data, targets = pruned_and_data
     before = logits(loaded.model)
     calls = []
-    with pytest.raises(RecoveryStopped, match="stopped at step 2 of 5"):
-        recover(loaded.model, data, targets, steps=5, lr=1e-2, rank=4, batch_size=4, progress=False,
-                should_stop=lambda: calls.append(1) or len(calls) > 2)
+    with stop_requests(lambda: calls.append(1) or len(calls) > 2), \
+            pytest.raises(PruningStopped, match=r"before step 3 of 5; the adapters were not merged"):
+        recover(loaded.model, data, targets, steps=5, lr=1e-2, rank=4, batch_size=4, progress=False)
+    assert len(calls) == 3  # two steps taken, the third never started
     assert not any("lora" in name for name, _ in loaded.model.named_parameters())
     torch.testing.assert_close(logits(loaded.model), before, atol=0, rtol=0)
 

@@ -4,8 +4,10 @@ nothing in the cache."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from hywia.options import PruneOptions
 from hywia.pipeline import export_key, prepare_export
 from hywia.plan import PruningPlan
 from hywia.reconstruct import reconstruct
-from hywia.recovery import RecoveryStopped
+from hywia.stopping import PruningStopped
 from hywia.surgery import slice_model
 from tests.test_pruning import CALIBRATION_TEXT
 
@@ -88,20 +90,46 @@ def test_recovery_options_change_the_export_key():
         assert export_key("digest", changed) != export_key("digest", base), field
 
 
-def test_a_stop_request_during_recovery_writes_nothing(tiny_gqa_dir, calibration, tmp_path):
-    """`hywia serve` sets its stop event on SIGTERM; recovery polls it, and the export never lands."""
+# Each long stage's function, innermost first where one calls another (recovery's own text is written
+# by the self-calibration generator), and the words its stop message names it by.
+STOPPING_STAGES = {"own_text": "recovery data (own text)", "self_replies": "recovery data (dense replies)",
+                   "teacher_targets": "recovery teacher", "self_generated": "self-calibration",
+                   "_chunk_statistics": "gradients", "train_fusion": "fusion", "reconstruct": "reconstruction",
+                   "recover": "recovery (before step"}
+
+
+def _polling_stage() -> str | None:
+    """Which pipeline stage is asking whether to stop (read off the call stack)."""
+    functions = {frame.name for frame in traceback.extract_stack()}
+    return next((name for name in STOPPING_STAGES if name in functions), None)
+
+
+def _cached_files(cache) -> set[str]:
+    return {str(path.relative_to(cache)) for path in cache.rglob("*") if path.is_file()}
+
+
+def test_a_stop_request_in_any_stage_stops_there_and_writes_nothing_partial(tiny_gqa_dir, tmp_path):
+    """`hywia serve` sets its stop event on SIGTERM. Every long stage of the default pipeline polls it
+    between units of work, so a stop asked for at any stage's first poll ends the prune at once (within
+    the next poll) with an error naming that stage, and the cache holds no export and nothing that a
+    finished prune would not have written (statistics of a finished gradient stage may stay)."""
+    source = resolve_source(str(tiny_gqa_dir))
+    options = PruneOptions(ratio=0.3, importance="hybrid", calibration="self", samples=4, seq_len=32,
+                           recover_samples=8, recover_seq_len=96, recover_steps=2)
     polls = []
-
-    def stop_at_second_step() -> bool:
-        polls.append(1)
-        return len(polls) > 1
-
-    options = PruneOptions(**FAST, calibration=calibration)
-    with pytest.raises(RecoveryStopped, match="nothing was merged or written"):
-        prepare_export(resolve_source(str(tiny_gqa_dir)), options, cache_dir=tmp_path,
-                       should_stop=stop_at_second_step)
-    exports = tmp_path / "exports"
-    assert not exports.exists() or not any(exports.iterdir())
+    prepare_export(source, options, cache_dir=tmp_path / "whole", should_stop=lambda: polls.append(_polling_stage()))
+    finished = _cached_files(tmp_path / "whole")
+    first_poll = {stage: polls.index(stage) for stage in STOPPING_STAGES}  # ValueError: a stage never polls
+    for stage, index in first_poll.items():
+        cache, count = tmp_path / stage, itertools.count()
+        with pytest.raises(PruningStopped) as stopped:
+            prepare_export(source, options, cache_dir=cache,
+                           should_stop=lambda polls=count, first=index: next(polls) >= first)
+        assert STOPPING_STAGES[stage] in stopped.value.problem and "nothing was written" in stopped.value.problem
+        assert next(count) <= index + 2, stage  # the stopping poll, and at most one more after a cut generation
+        left = _cached_files(cache) if cache.exists() else set()
+        assert not any(name.startswith("exports") for name in left), stage
+        assert left <= finished, (stage, left - finished)
 
 
 @pytest.mark.parametrize("flags, message", [

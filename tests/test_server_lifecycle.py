@@ -134,3 +134,30 @@ def test_a_start_killed_while_pruning_leaves_nothing_a_later_start_accepts(tiny_
 
     report, _, _, _ = _start_and_inspect(tiny_source, cache_dir, tmp_path / "after.log")
     assert report["cache_hit"] is False  # same options: it pruned again instead of loading a partial export
+
+
+def test_sigterm_while_pruning_stops_the_prune_at_once_and_writes_nothing(tiny_source, tmp_path):
+    """The prune runs in a worker thread that the interpreter waits for at exit, so the server can only
+    exit as soon as every pruning stage heeds the stop. Self-calibration is the first long stage: asked
+    for far more samples than it could write before the signal, it must stop part-way."""
+    cache_dir = tmp_path / "cache"
+    port = free_port()
+    options = [*tiny_server_options(), "--calibration", "self", "--samples", "50000"]
+    process = ServerProcess(serve_command(str(tiny_source), port, cache_dir, *options), port,
+                            tmp_path / "stopped.log").start()
+    try:
+        deadline = time.monotonic() + 300
+        while "self-calibration" not in process.log_tail(100_000):  # its progress bar has started
+            assert process.process.poll() is None and time.monotonic() < deadline, process.log_tail()
+            time.sleep(0.2)
+        os.killpg(process.process.pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        exit_status = process.process.wait(120)
+        stopped_after = time.monotonic() - signalled
+    finally:
+        process.stop()
+    log_text = process.log_tail(100_000)
+    assert exit_status == 0, log_text
+    assert stopped_after < 60, log_text  # 50,000 samples would take hours
+    assert "pruning stopped during self-calibration" in log_text, log_text
+    assert _exports(cache_dir) == []

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hywia.errors import HywiaError
-from hywia.stopping import generation_stopper, raise_if_stopped
+from hywia.stopping import generate_unless_stopped, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,9 @@ def self_generated(tokenizer, model, samples: int, seq_len: int, seed: int, batc
         new_tokens = seq_len - min(len(e) for e in encoded)
         output = input_ids
         if new_tokens > 0:
-            output = model.generate(
-                input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0, top_p=0.95,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
-                stopping_criteria=generation_stopper(),
+            output = generate_unless_stopped(
+                model, stage, input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0,
+                top_p=0.95, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
             )
-            raise_if_stopped(stage)  # a stop ends generation early: never keep the short rows
         rows += [row[width - len(e):][:seq_len].cpu() for row, e in zip(output, encoded)]
     return torch.stack(rows)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hywia.calibration import read_text, self_generated, windows_from_text
 from hywia.errors import HywiaError
 from hywia.recovery_prompts import recovery_prompts
-from hywia.stopping import generation_stopper, raise_if_stopped
+from hywia.stopping import generate_unless_stopped, raise_if_stopped
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,9 @@ def self_replies(tokenizer, model, samples: int, seq_len: int, seed: int, batch_
         # Left padding so every prompt ends where generation begins.
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        output = model.generate(input_ids, attention_mask=attention, do_sample=False, max_new_tokens=seq_len - width,
-                                eos_token_id=stop_ids, pad_token_id=pad_id, stopping_criteria=generation_stopper())
-        raise_if_stopped("recovery data (dense replies)")  # a stop cuts the replies short: never keep them
+        output = generate_unless_stopped(model, "recovery data (dense replies)", input_ids, attention_mask=attention,
+                                         do_sample=False, max_new_tokens=seq_len - width, eos_token_id=stop_ids,
+                                         pad_token_id=pad_id)
         for prompt_ids, generated in zip(batch, output[:, width:].tolist()):
             reply = _cut_at_stop(generated, stop_ids)
             row = (prompt_ids + reply)[:seq_len]

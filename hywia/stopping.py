@@ -2,7 +2,7 @@
 
 Every long loop of the pipeline (self-calibration, gradients, fusion, the recovery data and its
 teacher, reconstruction, recovery) calls `raise_if_stopped(stage)` between its units of work, and
-text generation also checks between tokens (`generation_stopper`), so a stop is honoured within one
+text generation also checks between tokens (`generate_unless_stopped`), so a stop is honoured within one
 unit (a sample, a layer, a training step), not at the end of the prune. The stop request is a
 context variable set by whoever runs the prune (`stop_requests`), not a parameter of every stage:
 stages stay callable on their own (benchmarks, tests), where nothing ever asks them to stop.
@@ -48,9 +48,10 @@ def raise_if_stopped(stage: str) -> None:
                              "start again to rebuild the export from the beginning")
 
 
-def generation_stopper():
-    """Stopping criteria for `model.generate`: end every row at the next token once a stop is asked for
-    (the caller then calls raise_if_stopped). Generating a batch can take minutes on a CPU."""
+def generate_unless_stopped(model, stage: str, *args, **kwargs):
+    """`model.generate(*args, **kwargs)` that a stop request ends between tokens; then raises
+    PruningStopped naming STAGE, because rows cut short by the stop must never be kept. Generating one
+    batch can take minutes on a CPU, so checking only between batches would not be prompt."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class _StopRequested(StoppingCriteria):
@@ -59,4 +60,6 @@ def generation_stopper():
 
             return torch.full((input_ids.shape[0],), stop_requested(), dtype=torch.bool, device=input_ids.device)
 
-    return StoppingCriteriaList([_StopRequested()])
+    output = model.generate(*args, stopping_criteria=StoppingCriteriaList([_StopRequested()]), **kwargs)
+    raise_if_stopped(stage)
+    return output

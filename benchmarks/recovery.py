@@ -1,10 +1,12 @@
-"""Recovery (LoRA, merged) vs steps: WikiText-2 perplexity, wall time per step, and the chat check.
+"""Recovery (LoRA, merged) vs steps: WikiText-2 perplexity, the zero-shot average, wall time per step,
+and the chat check.
 
 Per ratio: the dense model writes the recovery data and its top-k teacher targets (once, cached under
 .cache/recovery-bench, shared by every ratio), the current pipeline prunes it (`prune_model`,
 PruneOptions(ratio=R), all other options default), then one recovery run per requested step count
 (the learning rate decays to zero at each run's last step, so a short run is not a prefix of a long
-one), each from the same plain prune (reloaded from the cache) and evaluated merged; for the steps in
+one), each from the same plain prune (reloaded from the cache) and evaluated merged (WikiText-2, and
+the six zero-shot tasks on their first --zero-shot-items items each); for the steps in
 --chat-steps the merged model is exported and asked the chat check through the
 OpenAI endpoint (benchmarks/chat_check.py, `hywia serve EXPORT --ratio 0 --engine torch`).
 
@@ -37,10 +39,14 @@ from benchmarks._common import numbers, write_json
 from benchmarks.chat_check import check_directory, load_questions
 from hywia.default_model import ensure_default_model
 from hywia.evaluation.perplexity import split_windows, tokenize_text, window_perplexity
+from hywia.evaluation.results import average_chance
 from hywia.evaluation.scoring import TokenScorer
+from hywia.evaluation.suite import EvalOptions, evaluate
+from hywia.evaluation.tasks import ZERO_SHOT_TASKS
 from hywia.export import write_export
 from hywia.models import load_model
-from hywia.pipeline import PruneOptions, export_key, prune_model
+from hywia.options import PruneOptions
+from hywia.pipeline import export_key, prune_model
 from hywia.plan import PruningPlan
 from hywia.recovery import RecoveryOptions, recover
 from hywia.recovery_data import recovery_batches, teacher_targets
@@ -54,7 +60,7 @@ log = logging.getLogger("recovery-bench")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = RecoveryOptions()
+    defaults, product = RecoveryOptions(), PruneOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("HYWIA_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--ratios", default="0.2,0.5")
@@ -65,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "calibration books), or a path")
     parser.add_argument("--calibration", default="self",
                         help="the prune's calibration: 'self' (the default), 'gutenberg' (the data folder's books), or a path")
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=product.recover_samples, help="recovery rows (default: the product's)")
+    parser.add_argument("--seq-len", type=int, default=product.recover_seq_len)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--rank", type=int, default=defaults.rank)
@@ -74,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kd-weight", type=float, default=defaults.kd_weight)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--windows", type=int, default=400, help="WikiText-2 windows (128 tokens) scored")
+    parser.add_argument("--zero-shot-items", type=int, default=100,
+                        help="items of each of the six zero-shot tasks scored at every point (0: none)")
     parser.add_argument("--dense", action="store_true", help="also measure the dense model (perplexity, chat)")
     parser.add_argument("--label", default="", help="a name for this configuration in the results")
     parser.add_argument("--out", type=Path, default=RESULTS / "recovery.json")
@@ -139,6 +147,27 @@ def perplexity(model, windows) -> float:
     return window_perplexity(TokenScorer(model), windows, batch_size=16).perplexity
 
 
+def zero_shot(model, tokenizer, args) -> dict | None:
+    """The six zero-shot tasks on their first --zero-shot-items items: the average and each task's headline."""
+    if not args.zero_shot_items:
+        return None
+    options = EvalOptions(tasks=list(ZERO_SHOT_TASKS), data_dir=Path(args.data_dir),
+                          limits={name: args.zero_shot_items for name in ZERO_SHOT_TASKS})
+    result = evaluate(model, tokenizer, options)
+    return {"average": result["average_accuracy"], "chance": average_chance(result["tasks"]),
+            "items_per_task": args.zero_shot_items,
+            "tasks": {name: task["headline"] for name, task in result["tasks"].items()}}
+
+
+def evaluated(model, tokenizer, windows, args) -> dict:
+    """One point of the curve: WikiText-2 perplexity and, if asked, the zero-shot average."""
+    point = {"wikitext2": perplexity(model, windows)}
+    scores = zero_shot(model, tokenizer, args)
+    if scores:
+        point["zero_shot"] = scores
+    return point
+
+
 def chat(model, tokenizer, plan, report, name: str) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"recovery-{name}-") as directory:
         write_export(model, tokenizer, plan, report, Path(directory) / "export", dtype=None, replace=False)
@@ -165,7 +194,7 @@ def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], window
             result = recover(loaded.model, data, targets, steps=count, lr=args.lr, rank=args.rank,
                              batch_size=args.batch_size, kd_weight=args.kd_weight, seed=args.seed)
             run["recovery"] = result.to_dict()  # the longest run's, for the report's s/step
-        point = {"steps": count, "wikitext2": perplexity(loaded.model, windows)}
+        point = {"steps": count, **evaluated(loaded.model, loaded.tokenizer, windows, args)}
         if count:
             point["seconds_per_step"] = result.seconds_per_step
         if count in chat_steps:
@@ -178,7 +207,7 @@ def run_ratio(ratio: float, args, steps: list[int], chat_steps: set[int], window
 def run_dense(args, windows, record) -> None:
     model_dir, _ = ensure_default_model(ROOT / ".cache" / "test")
     loaded = load_model(str(model_dir))
-    run = {"ratio": 0.0, "points": [{"steps": 0, "wikitext2": perplexity(loaded.model, windows)}]}
+    run = {"ratio": 0.0, "points": [{"steps": 0, **evaluated(loaded.model, loaded.tokenizer, windows, args)}]}
     run["points"][0]["chat"] = {k: v for k, v in check_directory(model_dir).items() if k != "directory"}
     record(run)
 
@@ -193,6 +222,7 @@ def main(argv=None) -> int:
               "calibration": args.calibration, "recover_data": args.recover_data, "samples": args.samples, "seq_len": args.seq_len,
               "top_k": args.top_k, "lr": args.lr, "rank": args.rank, "batch_size": args.batch_size,
               "kd_weight": args.kd_weight, "seed": args.seed, "windows": args.windows,
+              "zero_shot_items": args.zero_shot_items,
               "command": shlex.join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
               "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at start, OMP_NUM_THREADS="
                          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__}",
@@ -223,14 +253,18 @@ def write_report(payload: dict, json_path: Path) -> None:
     runs = payload["runs"]
     dense = next((r for r in runs if r["ratio"] == 0.0), None)
     dense_chat = dense and dense["points"][0].get("chat", {}).get("right")
+    dense_zero_shot = dense and dense["points"][0].get("zero_shot")
     lines = ["# Recovery (LoRA, merged) vs steps", "",
              ("WikiText-2 perplexity on the first windows of 128 tokens (count per row), the chat check "
              f"({payload['runs'][0]['chat_questions']} questions through the OpenAI endpoint, greedy, keyword-graded), "
              "and wall time per step. Generated by `benchmarks/recovery.py` from `recovery.json`; commands below."),
              "", f"Dense: WikiText-2 {dense['points'][0]['wikitext2']:.2f}, chat {dense_chat}" if dense else
              f"Dense: WikiText-2 {DENSE_PPL} (issue 13)", ""]
-    lines += ["| config | ratio | steps | WikiText-2 PPL (windows) | chat right | s/step | data+teacher s | date |",
-              "|---|---|---|---|---|---|---|---|"]
+    if dense_zero_shot:
+        lines += [(f"Dense zero-shot average: {zero_shot_cell(dense_zero_shot)} (six tasks, the first items of "
+                  f"each; chance {dense_zero_shot['chance']:.3f})"), ""]
+    lines += [("| config | ratio | steps | WikiText-2 PPL (windows) | zero-shot avg (items/task) | chat right | s/step | "
+              "data+teacher s | date |"), "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         if run["ratio"] == 0.0:
             continue
@@ -241,7 +275,7 @@ def write_report(payload: dict, json_path: Path) -> None:
             chat_cell = "" if chat_right is None else f"{chat_right}/{point['chat']['total']}" + (
                 f" ({chat_right / dense_chat:.0%} of dense)" if dense_chat else "")
             lines.append(f"| {run['label']} | {run['ratio']:g} | {point['steps']} | {point['wikitext2']:.1f} "
-                         f"({run['windows']}) | {chat_cell} | {'' if per_step is None else f'{per_step:.1f}{flagged}'} | "
+                         f"({run['windows']}) | {zero_shot_cell(point.get('zero_shot'))} | {chat_cell} | {'' if per_step is None else f'{per_step:.1f}{flagged}'} | "
                          f"{round(run['data_and_teacher_seconds']) if run.get('data_and_teacher_seconds') else 'cached'} | {run['date']} |")
     notes = [f"\\* {r['recovery']['seconds_per_step_note']}" for r in runs
              if r.get("recovery", {}).get("seconds_per_step_note")]
@@ -252,6 +286,10 @@ def write_report(payload: dict, json_path: Path) -> None:
               for command, run in {r["command"]: r for r in runs}.items()]
     json_path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(runs, dense, json_path.with_suffix(".png"))
+
+
+def zero_shot_cell(scores: dict | None) -> str:
+    return "" if not scores else f"{scores['average']:.3f} ({scores['items_per_task']})"
 
 
 def plot(runs: list[dict], dense: dict | None, path: Path) -> None:

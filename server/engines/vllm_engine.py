@@ -94,8 +94,12 @@ class VllmEngine(Engine):
                  {k: v for k, v in arguments.items() if k not in ("model", "tokenizer", "served_model_name")})
         try:
             # The usage context picks vLLM's serving defaults (batch sizes), as `vllm serve` does.
-            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments),
-                                               usage_context=UsageContext.OPENAI_API_SERVER)
+            # No local name for the engine: something in vLLM's start-up keeps a frame under this one
+            # alive, and with it this frame's locals, so a local would keep the engine past shutdown
+            # (its __del__ then fails at interpreter exit).
+            return cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**arguments),
+                                                 usage_context=UsageContext.OPENAI_API_SERVER),
+                       arguments.get("kv_cache_memory_bytes"))
         except Exception as exc:
             from hywia.errors import HywiaError
 
@@ -104,7 +108,6 @@ class VllmEngine(Engine):
                 "if the KV cache is too small for the context, pass a larger --kv-cache-memory-bytes or a "
                 "smaller --max-model-len; or use --engine torch",
             ) from exc
-        return cls(engine, arguments.get("kv_cache_memory_bytes"))
 
     async def generate(self, prompt_token_ids: list[int], options: SamplingOptions,
                        request_id: str) -> AsyncIterator[GenerationDelta]:

@@ -1,4 +1,5 @@
-"""Small helpers the benchmark scripts share: the method grid's flags, comma lists, atomic JSON results."""
+"""Small helpers the benchmark scripts share: the method grid's flags, comma lists, atomic JSON results,
+and the mean (range) cells of the result tables."""
 
 from __future__ import annotations
 
@@ -19,6 +20,17 @@ def names(text: str, allowed) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown: {', '.join(unknown)}; choose from {', '.join(allowed)}")
     return chosen
+
+
+def mean_range(values: list[float | None], digits: int) -> str:
+    """A table cell: the mean of the values given (None: not measured), with their range when there are several."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def write_json(path: Path, payload: dict) -> None:

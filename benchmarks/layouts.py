@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path
-from _common import names, numbers, write_json
+from _common import mean_range, names, numbers, write_json
 
 log = logging.getLogger("layouts")
 
@@ -273,15 +273,6 @@ def _now() -> str:
 
 # ---------------------------------------------------------------------------------------- the report
 
-def _mean_range(values: list[float], digits: int) -> str:
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
-
-
 def _group(runs: dict, layout: str, ratio: float) -> list[dict]:
     return [r for r in runs.values() if r["layout"] == layout and r["ratio"] == ratio and "tasks" in r]
 
@@ -351,10 +342,10 @@ def write_markdown(payload: dict, path: Path) -> None:
 def _row(layout: str, ratio: float, group: list[dict], widths: list[str], uniform: list[dict] | None) -> str:
     first = group[0]
     params = first.get("params")
-    removed = _mean_range([100 * r["ratio_achieved"] for r in group if "ratio_achieved" in r], 2)
+    removed = mean_range([100 * r["ratio_achieved"] for r in group if "ratio_achieved" in r], 2)
     kv = sum(first["kv_groups_kept"]) if "kv_groups_kept" in first else None
-    ppl = _mean_range([r["tasks"]["wikitext2"]["perplexity"] for r in group], 2)
-    acc = _mean_range([100 * r["average_accuracy"] for r in group], 2) + f" ±{100 * _average_error(first):.1f}"
+    ppl = mean_range([r["tasks"]["wikitext2"]["perplexity"] for r in group], 2)
+    acc = mean_range([100 * r["average_accuracy"] for r in group], 2) + f" ±{100 * _average_error(first):.1f}"
     cells = []
     for width in widths:
         rate, base = _rate(group, width), _rate(uniform or [], width)

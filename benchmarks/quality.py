@@ -37,6 +37,7 @@ from _common import (
     calibration_source,
     grid_cells,
     grid_parser,
+    mean_range,
     missing_runs,
     names,
     numbers,
@@ -232,16 +233,6 @@ def metric(run: dict, name: str) -> float | None:
     return task["perplexity"] if task["kind"] == "perplexity" else task["headline"]
 
 
-def cell(values: list[float | None], digits: int) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
-
-
 def write_markdown(payload: dict, path: Path) -> None:
     runs, dense = payload["runs"], payload["runs"].get("dense")
     groups = grouped(runs)
@@ -320,10 +311,10 @@ def ratio_table(groups: dict, ratio: float, tasks: list[str], dense: dict | None
     for key in (k for k in keys if k in groups):
         members = groups[key]
         retention = [retention_report(run, dense).get("average") for run in members] if dense else []
-        values = [cell([metric(run, name) for run in members], 2 if name in ("wikitext2", "ptb") else 3)
+        values = [mean_range([metric(run, name) for run in members], 2 if name in ("wikitext2", "ptb") else 3)
                   for name in tasks]
-        row = [key[0], key[2] or "–", cell([run.get("ratio_achieved", 0.0) for run in members], 3), *values,
-               cell([metric(run, "average") for run in members], 3), cell(retention, 3)]
+        row = [key[0], key[2] or "–", mean_range([run.get("ratio_achieved", 0.0) for run in members], 3), *values,
+               mean_range([metric(run, "average") for run in members], 3), mean_range(retention, 3)]
         lines.append("| " + " | ".join(row) + " |")
     if ratio in PEER_PERPLEXITY and "wikitext2" in tasks:
         cells = [f"{PEER_PERPLEXITY[ratio]:.2f}" if name == "wikitext2" else "–" for name in tasks]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import mmap
+
 import pytest
 import torch
 
@@ -132,16 +135,28 @@ def test_statistics_budget_on_cpu_is_the_weights_or_a_small_model_floor(monkeypa
 def test_memory_meter_records_each_stage():
     from hywia.devices import current_rss_bytes
 
+    # The 64 MiB are a fresh anonymous mapping, touched page by page: a torch (malloc) block could be served
+    # from heap memory an earlier test freed but the allocator kept resident, leaving RSS flat (CI saw that).
+    # The collector is paused so that no other object is freed, and RSS shrinks, while the stage is measured.
+    size = 64 * 2**20
     meter = MemoryMeter()
-    before = current_rss_bytes()
-    with meter.stage("load"):
-        block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB held past the stage
-    with meter.stage("score"):
-        pass
+    gc.collect()
+    gc.disable()
+    try:
+        before = current_rss_bytes()
+        with meter.stage("load"):
+            block = mmap.mmap(-1, size)  # held past the stage
+            for offset in range(0, size, mmap.PAGESIZE):
+                block[offset] = 1
+        with meter.stage("score"):
+            pass
+    finally:
+        gc.enable()
     summary = meter.summary()
     assert list(summary["stages"]) == ["load", "score"]
     load = summary["stages"]["load"]
-    assert load["rss_bytes"] >= before + block.numel() - 2**20 and load["peak_rss_bytes"] >= load["rss_bytes"]
+    assert load["rss_bytes"] >= before + size - 2**20 and load["peak_rss_bytes"] >= load["rss_bytes"]
+    block.close()
     assert load["seconds"] >= 0
     assert load["peak_cuda_bytes"] is None and summary["peak_cuda_bytes"] is None
     assert summary["peak_rss_bytes"] >= summary["stages"]["score"]["peak_rss_bytes"] >= load["peak_rss_bytes"]

@@ -37,7 +37,8 @@ class PruneOptions:
     # (benchmarks/results/quality400-r02-samples128 vs quality400-r02, 2026-12-05). The cost: the
     # calibration, fusion and reconstruction stages take ~2.4x as long, the whole prune 1.76x (seed 0:
     # 1,722 s vs 979 s, both on 2 shared cores). Earlier, 32 → 64 took seed 0 from 135.4 to 127.4
-    # before recovery (recovery-sweep.json).
+    # before recovery (recovery-sweep.json). Since 2026-12-06 `self` text's Fisher terms come from 4 token
+    # groups per sequence (hywia/scores.py): 115.5 over the same seeds at 128 samples.
     samples: int = 128
     seq_len: int = 128
     seed: int = 0

@@ -23,6 +23,22 @@ def _find_shared_data() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_user_cache(tmp_path_factory):
+    """Point the user's default cache (`HYWIA_CACHE_DIR`) at this session's temporary folder.
+
+    A call that names no cache directory falls back to ~/.cache/hywia; a test must never write there
+    (it once left tiny models' statistics among a user's). Servers started as subprocesses inherit it.
+    """
+    previous = os.environ.get("HYWIA_CACHE_DIR")
+    os.environ["HYWIA_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield Path(os.environ["HYWIA_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("HYWIA_CACHE_DIR", None)
+    else:
+        os.environ["HYWIA_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     found = _find_shared_data()

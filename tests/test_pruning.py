@@ -171,6 +171,14 @@ def test_export_round_trip_with_stock_transformers(tmp_path, tiny_gqa_dir, calib
         assert key in report
 
 
+def test_prune_without_a_cache_dir_caches_statistics_in_the_environment_cache(tmp_path, monkeypatch, tiny_gqa_dir,
+                                                                              calibration_file):
+    """No `cache_dir`: statistics go under $HYWIA_CACHE_DIR (the user's cache; conftest isolates it per session)."""
+    monkeypatch.setenv("HYWIA_CACHE_DIR", str(tmp_path / "env-cache"))
+    prune_to_directory(str(tiny_gqa_dir), small_options(calibration_file), tmp_path / "out", progress=False)
+    assert len(list((tmp_path / "env-cache" / "statistics").glob("*.pt"))) == 1
+
+
 def test_shape_transformers_llama_config_refuses_exports_as_mistral(tmp_path, calibration_file):
     """5 MHA heads of 64 in hidden 320: keeping 3 heads gives 320 % 3 != 0, which LlamaConfig rejects."""
     directory = save_tiny_model(tmp_path / "m", gqa=False, hidden_size=320, num_attention_heads=5,

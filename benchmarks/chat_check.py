@@ -8,7 +8,7 @@ the question's answers as a whole word, case-insensitive. The server is either o
 --server vllm (`python -m vllm.entrypoints.openai.api_server --model DIR`).
 
     python benchmarks/chat_check.py EXPORT_DIR [EXPORT_DIR ...] --out benchmarks/results/chat_check.json
-    python benchmarks/chat_check.py --base-url http://127.0.0.1:8000/v1
+    python benchmarks/chat_check.py --base-url http://127.0.0.1:8000/v1 [--model ID --model ID2]
 """
 
 from __future__ import annotations
@@ -115,16 +115,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directories", nargs="*", type=Path, help="model/export directories to serve and ask")
     parser.add_argument("--base-url", default=None, help="ask a server that is already running instead")
+    parser.add_argument("--model", action="append", default=None,
+                        help="with --base-url: a served model id to ask (repeatable; default: the first listed), "
+                             "e.g. both ids of `hywia serve --serve-dense`")
     parser.add_argument("--server", choices=("hywia", "vllm"), default="hywia")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (appended to, keyed by directory)")
     args = parser.parse_args(argv)
     results = []
+    if args.model and not args.base_url:
+        parser.error("--model names a model of a running server: give --base-url too")
     if args.base_url:
-        results.append({"base_url": args.base_url, **ask_all(args.base_url, load_questions())})
+        for model in args.model or [None]:
+            results.append({"base_url": args.base_url, **ask_all(args.base_url, load_questions(), model=model)})
     for directory in args.directories:
         results.append(check_directory(directory, args.server))
     for result in results:
-        print(f"{result.get('directory', result.get('base_url'))}: {result['right']}/{result['total']} right")
+        print(f"{result.get('directory', result.get('base_url'))} {result['model']}: {result['right']}/{result['total']} right")
     if args.out:
         previous = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
         previous["runs"].extend({**r, "command": shlex.join(sys.argv), "date": datetime.date.today().isoformat()}

@@ -30,13 +30,10 @@ def isolated_user_cache(tmp_path_factory):
     A call that names no cache directory falls back to ~/.cache/hywia; a test must never write there
     (it once left tiny models' statistics among a user's). Servers started as subprocesses inherit it.
     """
-    previous = os.environ.get("HYWIA_CACHE_DIR")
-    os.environ["HYWIA_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
-    yield Path(os.environ["HYWIA_CACHE_DIR"])
-    if previous is None:
-        os.environ.pop("HYWIA_CACHE_DIR", None)
-    else:
-        os.environ["HYWIA_CACHE_DIR"] = previous
+    cache = tmp_path_factory.mktemp("user-cache")
+    with pytest.MonkeyPatch.context() as patch:  # the function-scoped `monkeypatch` cannot serve a session
+        patch.setenv("HYWIA_CACHE_DIR", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")

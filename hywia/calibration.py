@@ -33,6 +33,10 @@ HELDOUT_PROMPTS = (
     "class Stack:", "The first rule of the game is",
 )
 
+# `self` rows for the re-fit are sampled from a seed of their own, so they are not the calibration text
+# again (2026-12-06 measurement: benchmarks/results/reconstruction-rows-2026-12-06.json used this offset).
+_RECONSTRUCTION_SEED_OFFSET = 7919
+
 
 def calibration_batch(source: str, tokenizer, model, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """Return a LongTensor [samples, seq_len] of calibration token ids."""
@@ -96,6 +100,34 @@ def heldout_batch(source: str, tokenizer, model, used_samples: int, seq_len: int
     ids, order = _window_order(read_text(Path(source)), tokenizer, seq_len, seed)
     spare = order[used_samples:used_samples + count]
     return _windows(ids, spare, seq_len) if spare.numel() else None
+
+
+def reconstruction_rows(source: str, tokenizer, model, calibration: torch.Tensor, samples: int, seed: int,
+                        heldout: int) -> torch.Tensor:
+    """SAMPLES rows for the least-squares re-fit (hywia.reconstruct, `--reconstruct-samples`): the
+    calibration rows first, then more of the same source that neither they nor the held-out quality probe
+    (HELDOUT windows after them) contain: for `self`, the model's continuations of the same openings from
+    another seed; for a text, the windows that follow the probe's in the same seeded order. The fit only
+    runs forward passes, so its rows cost far less than calibration rows, whose gradients are taken.
+    Call it while the model is still dense: `self` rows are the dense model's text."""
+    extra = samples - calibration.shape[0]
+    if extra <= 0:
+        return calibration
+    seq_len = calibration.shape[1]
+    if source == "self":
+        more = self_generated(tokenizer, model, extra, seq_len, seed + _RECONSTRUCTION_SEED_OFFSET,
+                              stage="reconstruction text")
+    else:
+        ids, order = _window_order(read_text(Path(source)), tokenizer, seq_len, seed)
+        start = calibration.shape[0] + heldout
+        if order.numel() < start + extra:
+            raise HywiaError(
+                f"the calibration text has {ids.numel()} tokens: too short for {samples} reconstruction windows "
+                f"of {seq_len} besides the {heldout} held-out ones",
+                f"lower --reconstruct-samples (at most {max(order.numel() - heldout, calibration.shape[0])} here) "
+                "or give more text")
+        more = _windows(ids, order[start:start + extra], seq_len)
+    return torch.cat([calibration, more])
 
 
 @torch.no_grad()

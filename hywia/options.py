@@ -65,6 +65,11 @@ class PruneOptions:
     chat_template: str | None = None
     # After cutting (hywia.reconstruct): re-fit the kept columns of o_proj/down_proj by ridge least squares.
     reconstruct: str = "ls"
+    # Rows that re-fit sees: None, the calibration rows; N, those plus N − samples more of the same text
+    # (hywia.calibration.reconstruction_rows; forward passes only). 512 at 0.2, seeds 0/1/2, the default
+    # recovery: 107.2/116.8/117.4 (mean 113.8) against 109.4/117.7/119.5 (115.5) with the 128 calibration
+    # rows (README Results, 2026-12-07). Not the default: on 2 CPU cores it adds 25-30 minutes to a prune.
+    reconstruct_samples: int | None = None
     # Stage 3 (hywia.recovery): LoRA distillation from the dense model, merged before export.
     recover: str = "lora"
     recover_steps: int = RecoveryOptions.steps
@@ -89,6 +94,7 @@ class PruneOptions:
             render_sample_conversation(self.chat_template)
         self._check_layout()
         self._check_target()
+        self._check_reconstruct_samples()
         validate_recovery_options(self.recover, self.recover_steps, self.recover_lr, self.recover_rank,
                                   self.recover_data)
         if self.recover != "none":
@@ -111,6 +117,17 @@ class PruneOptions:
         if not path.is_absolute():  # the statistics and export caches key on this string
             raise HywiaError(f"calibration path {self.calibration!r} is relative",
                              "pass hywia.options.resolve_calibration(path) (the CLI does)")
+
+    def _check_reconstruct_samples(self) -> None:
+        if self.reconstruct_samples is None:
+            return
+        if self.reconstruct == "none":
+            raise HywiaError("--reconstruct-samples sets the rows of the least-squares re-fit, which "
+                             "--reconstruct none turns off", "drop --reconstruct-samples, or use --reconstruct ls")
+        if not isinstance(self.reconstruct_samples, int) or self.reconstruct_samples < self.samples:
+            raise HywiaError(f"--reconstruct-samples {self.reconstruct_samples} is below --samples {self.samples}: "
+                             "the re-fit always uses the calibration rows, and more on top",
+                             f"give at least {self.samples} (e.g. {4 * self.samples}), or leave it out")
 
     def _check_layout(self) -> None:
         if self.layout == "uniform":

@@ -19,7 +19,7 @@ from pathlib import Path
 from hywia import __version__
 from hywia.budget import Allocator, Budget, allocator, protected_layers
 from hywia.cache import PACKAGE_DIR, cache_root, code_digest, content_key, move_aside, verify_manifest
-from hywia.calibration import calibration_batch
+from hywia.calibration import calibration_batch, reconstruction_rows
 from hywia.devices import MemoryMeter, resolve_device, source_dtype
 from hywia.export import REPORT_NAME, check_output_dir, write_export
 from hywia.importance import CRITERIA, ImportanceContext
@@ -27,7 +27,7 @@ from hywia.memory_fit import FitResult, Workload, choose_ratio, served_dtype
 from hywia.models import LoadedModel, ResolvedSource, load_resolved, read_config, resolve_source
 from hywia.options import PruneOptions
 from hywia.plan import PruningPlan, build_plan
-from hywia.quality import QualityProbe
+from hywia.quality import HELDOUT_SAMPLES, QualityProbe
 from hywia.reconstruct import reconstruct
 from hywia.recovery import recover
 from hywia.recovery_data import recovery_batches, teacher_targets
@@ -124,6 +124,10 @@ def prune_model(loaded: LoadedModel, options: PruneOptions, progress: bool = Tru
         if batch is None:  # gradient-free criteria drew no calibration batch
             batch = calibration_batch(options.calibration, tokenizer, model, options.samples, options.seq_len,
                                       options.seed)
+        if options.reconstruct_samples is not None:
+            with meter.stage("reconstruction_text"):  # more rows, written by the still-dense model
+                batch = reconstruction_rows(options.calibration, tokenizer, model, batch,
+                                            options.reconstruct_samples, options.seed, HELDOUT_SAMPLES)
         with meter.stage("reconstruction"):
             stages["reconstruction"] = reconstruct(model, plan, batch, progress=progress).to_dict()
     with meter.stage("slice"):

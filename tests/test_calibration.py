@@ -3,6 +3,7 @@ that measures quality shares no token with the calibration batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hywia.calibration import (
@@ -10,8 +11,10 @@ from hywia.calibration import (
     SELF_PROMPTS,
     calibration_batch,
     heldout_batch,
+    reconstruction_rows,
     self_generated,
 )
+from hywia.errors import HywiaError
 from tests.tiny import tiny_model, tiny_tokenizer
 
 TEXT = " ".join(f"Sentence number {i} tells of the {i % 7}th river and the {i % 5}th hill." for i in range(300))
@@ -79,3 +82,53 @@ def test_heldout_self_text_uses_prompts_the_calibration_never_starts_with():
     for row, prompt in zip(held, HELDOUT_PROMPTS):
         ids = _prompt_ids(tokenizer, prompt)[:24]  # this tiny tokenizer spends many tokens on a prompt
         assert row[:len(ids)].tolist() == ids
+
+
+def _aligned_windows(tokenizer, seq_len: int) -> dict[tuple, int]:
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    return {tuple(ids[i:i + seq_len]): i for i in range(0, len(ids) - seq_len + 1, seq_len)}
+
+
+def test_reconstruction_rows_from_a_text_are_the_calibration_then_windows_no_probe_sees(tmp_path):
+    """--reconstruct-samples: the calibration rows first, then windows of the same text that are neither
+    calibration nor held-out windows (the quality probe must not measure text the fit saw)."""
+    tokenizer = tiny_tokenizer()
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    windows = _aligned_windows(tokenizer, 16)
+    used = calibration_batch(str(path), tokenizer, None, 12, 16, seed=3)
+    held = heldout_batch(str(path), tokenizer, None, 12, 16, seed=3, count=8)
+    rows = reconstruction_rows(str(path), tokenizer, None, used, 30, seed=3, heldout=8)
+    assert rows.shape == (30, 16) and torch.equal(rows[:12], used)
+    extra = {windows[tuple(row.tolist())] for row in rows[12:]}
+    assert len(extra) == 18
+    assert not extra & {windows[tuple(row.tolist())] for row in used}
+    assert not extra & {windows[tuple(row.tolist())] for row in held}
+    assert reconstruction_rows(str(path), tokenizer, None, used, 12, seed=3, heldout=8) is used
+
+
+def test_reconstruction_rows_beyond_the_text_name_the_flag_and_the_most_it_has(tmp_path):
+    tokenizer = tiny_tokenizer()
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    n_windows = len(tokenizer(TEXT, add_special_tokens=False).input_ids) // 16
+    used = calibration_batch(str(path), tokenizer, None, 12, 16, seed=0)
+    with pytest.raises(HywiaError, match="too short for") as refused:
+        reconstruction_rows(str(path), tokenizer, None, used, n_windows, seed=0, heldout=8)
+    assert f"at most {n_windows - 8}" in refused.value.fix
+    assert reconstruction_rows(str(path), tokenizer, None, used, n_windows - 8, seed=0, heldout=8).shape[0] == \
+        n_windows - 8
+
+
+def test_self_reconstruction_rows_are_new_continuations_of_the_calibration_openings():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    used = calibration_batch("self", tokenizer, model, 4, 24, seed=0)
+    rows = reconstruction_rows("self", tokenizer, model, used, 10, seed=0, heldout=8)
+    assert rows.shape == (10, 24) and torch.equal(rows[:4], used)
+    for index, row in enumerate(rows[4:]):
+        prompt = _prompt_ids(tokenizer, SELF_PROMPTS[index % len(SELF_PROMPTS)])
+        assert row[:len(prompt)].tolist() == prompt
+        if index < 4:  # same opening as calibration row `index`, another continuation
+            assert not torch.equal(row, used[index])

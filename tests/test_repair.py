@@ -4,6 +4,7 @@ nothing in the cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -66,6 +67,34 @@ def test_recover_none_exports_exactly_the_reconstructed_slice(tiny_gqa_dir, cali
             torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_reconstruct_samples_fit_on_more_rows_of_the_calibration_text(tiny_gqa_dir, calibration, tmp_path):
+    """--reconstruct-samples N: the export is the slice of the model re-fitted on the calibration rows plus
+    N − samples more windows (hywia.calibration.reconstruction_rows), tensor for tensor."""
+    from hywia.calibration import calibration_batch, reconstruction_rows
+    from hywia.quality import HELDOUT_SAMPLES
+
+    options = PruneOptions(**FAST, calibration=calibration, recover="none", reconstruct_samples=12,
+                           dtype="float32")
+    export = prepare_export(resolve_source(str(tiny_gqa_dir)), options, cache_dir=tmp_path)
+    assert export.report["reconstruction"]["tokens"] == 12 * 32
+    assert "reconstruction_text" in export.report["memory"]["stages"]
+    plan = PruningPlan.from_dict(export.report["plan"])
+    loaded = load_model(str(tiny_gqa_dir))
+    batch = calibration_batch(calibration, loaded.tokenizer, loaded.model, 4, 32, 0)
+    rows = reconstruction_rows(calibration, loaded.tokenizer, loaded.model, batch, 12, 0, HELDOUT_SAMPLES)
+    reconstruct(loaded.model, plan, rows, progress=False)
+    slice_model(loaded.model, plan)
+    saved = exported_tensors(export.directory)
+    for name, tensor in loaded.model.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
+    fewer = prepare_export(resolve_source(str(tiny_gqa_dir)), dataclasses.replace(options, reconstruct_samples=None),
+                           cache_dir=tmp_path)
+    assert fewer.report["reconstruction"]["tokens"] == 4 * 32
+    fitted_on_fewer = exported_tensors(fewer.directory)
+    assert any(not torch.equal(fitted_on_fewer[name], saved[name]) for name in saved if name.endswith("down_proj.weight"))
+
+
 def test_recovery_runs_after_slicing_and_is_reported(tiny_gqa_dir, calibration, tmp_path):
     options = PruneOptions(**FAST, calibration=calibration)
     export = prepare_export(resolve_source(str(tiny_gqa_dir)), options, cache_dir=tmp_path)
@@ -85,7 +114,8 @@ def test_recovery_runs_after_slicing_and_is_reported(tiny_gqa_dir, calibration, 
 def test_recovery_options_change_the_export_key():
     base = PruneOptions()
     for field, value in (("recover", "none"), ("recover_steps", 7), ("recover_lr", 1e-4), ("recover_rank", 4),
-                         ("recover_samples", 9), ("recover_seq_len", 96), ("reconstruct", "none")):
+                         ("recover_samples", 9), ("recover_seq_len", 96), ("reconstruct", "none"),
+                         ("reconstruct_samples", 512)):
         changed = PruneOptions(**{field: value})
         assert export_key("digest", changed) != export_key("digest", base), field
 
@@ -138,6 +168,8 @@ def test_a_stop_request_in_any_stage_stops_there_and_writes_nothing_partial(tiny
     (["--recover-data", "/no/such/recovery.txt"], "does not exist"),
     (["--recover-seq-len", "16"], "--recover-seq-len 16 must be at least 64"),
     (["--reconstruct", "svd"], "invalid choice"),
+    (["--reconstruct-samples", "2"], "--reconstruct-samples 2 is below --samples"),
+    (["--reconstruct", "none", "--reconstruct-samples", "512"], "which --reconstruct none turns off"),
 ])
 def test_bad_repair_flags_fail_before_any_work(tiny_gqa_dir, tmp_path, flags, message):
     done = subprocess.run([sys.executable, "-m", "hywia.cli", "prune", str(tiny_gqa_dir), "--out",

@@ -31,6 +31,13 @@ BUILTIN_NAMES = ", ".join(BUILTIN_TEMPLATES)
 RECOVERY_COST = ("about 4 s a step at rank 64 for SmolLM2-135M on 2 CPU cores, plus 3-5 minutes for the dense "
                  "model's replies, own text and targets (benchmarks/results/recovery-sweep.json, 2026-12-05)")
 
+# Measured 2026-12-07 (README Results; benchmarks/results/reconstruction-rows-2026-12-07.json), one-thread
+# processes on 2 shared CPU cores.
+RECONSTRUCT_ROWS_COST = ("Measured on SmolLM2-135M at 0.2, 3 seeds, default recovery: 512 gave WikiText-2 113.8 "
+                         "against 115.5 with the 128 calibration rows (1.5%% lower), for 384 more rows of the "
+                         "model's own text (13-21 minutes on 2 CPU cores) and a fit 4x as long (850-870 s "
+                         "instead of 211 s) (README Results, 2026-12-07)")
+
 
 class _RatioAction(argparse.Action):
     """Stores --ratio and notes that it was given, so that a target given with it is refused (the
@@ -90,6 +97,10 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
                         help="ls: after cutting, re-fit the kept columns of o_proj and down_proj layer by layer "
                              "by ridge least squares on the calibration batch (no new parameters); none: plain "
                              "slicing (default %(default)s)")
+    repair.add_argument("--reconstruct-samples", type=int, default=defaults.reconstruct_samples, metavar="N",
+                        help="sequences the --reconstruct ls fit runs on: the calibration ones plus N − --samples "
+                             "more of the same text (forward passes only, no gradients). Default: the calibration "
+                             f"ones. {RECONSTRUCT_ROWS_COST}")
     repair.add_argument("--recover", choices=CHOICES["recover"], default=defaults.recover,
                         help="lora: distil the dense model into the pruned one with LoRA adapters, merged into "
                              "the weights before export (the export stays a plain checkpoint); none: skip "
@@ -149,7 +160,8 @@ def options_from_args(args, *, max_model_len: int | None = None, max_seqs: int |
         target_memory=args.target_memory, target_params=args.target_params,
         max_model_len=max_model_len if fits_memory else None, max_seqs=max_seqs if fits_memory else None,
         chat_template=resolve_chat_template(args.chat_template) if args.chat_template is not None else None,
-        reconstruct=args.reconstruct, recover=args.recover, recover_steps=args.recover_steps,
+        reconstruct=args.reconstruct, reconstruct_samples=args.reconstruct_samples,
+        recover=args.recover, recover_steps=args.recover_steps,
         recover_lr=args.recover_lr, recover_rank=args.recover_rank,
         recover_data=resolve_recovery_data(args.recover_data), recover_samples=args.recover_samples,
         recover_seq_len=args.recover_seq_len,

@@ -128,6 +128,8 @@ class PruneOptions:
             raise HywiaError(f"--reconstruct-samples {self.reconstruct_samples} is below --samples {self.samples}: "
                              "the re-fit always uses the calibration rows, and more on top",
                              f"give at least {self.samples} (e.g. {4 * self.samples}), or leave it out")
+        if self.reconstruct_samples == self.samples:  # the same rows as leaving it out: one cache key for both
+            object.__setattr__(self, "reconstruct_samples", None)
 
     def _check_layout(self) -> None:
         if self.layout == "uniform":

@@ -118,6 +118,8 @@ def test_recovery_options_change_the_export_key():
                          ("reconstruct_samples", 512)):
         changed = PruneOptions(**{field: value})
         assert export_key("digest", changed) != export_key("digest", base), field
+    # As many re-fit rows as calibration rows is the default's fit: the same export, not a second one.
+    assert export_key("digest", PruneOptions(reconstruct_samples=PruneOptions.samples)) == export_key("digest", base)
 
 
 # Each long stage's function, innermost first where one calls another (recovery's own text is written

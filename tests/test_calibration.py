@@ -24,6 +24,12 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt).input_ids  # as the tokenizer encodes any text (its special tokens, if it adds any)
 
 
+def _aligned_windows(tokenizer, seq_len: int) -> dict[tuple, int]:
+    """Each aligned window of TEXT's tokens → its start (every calibration row from TEXT is one)."""
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    return {tuple(ids[i:i + seq_len]): i for i in range(0, len(ids) - seq_len + 1, seq_len)}
+
+
 def test_self_generated_rows_start_with_their_whole_prompt():
     """Prompts of one batch differ in length; each row must begin with all of its own prompt (they were
     cut to the shortest prompt of the batch before)."""
@@ -53,8 +59,7 @@ def test_heldout_windows_share_no_token_with_the_calibration_windows(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(TEXT)
     seq_len = 16
-    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
-    windows = {tuple(ids[i:i + seq_len]): i for i in range(0, len(ids) - seq_len + 1, seq_len)}
+    windows = _aligned_windows(tokenizer, seq_len)
     used = calibration_batch(str(path), tokenizer, None, 12, seq_len, seed=3)
     held = heldout_batch(str(path), tokenizer, None, 12, seq_len, seed=3, count=8)
     assert held.shape == (8, seq_len)
@@ -82,11 +87,6 @@ def test_heldout_self_text_uses_prompts_the_calibration_never_starts_with():
     for row, prompt in zip(held, HELDOUT_PROMPTS):
         ids = _prompt_ids(tokenizer, prompt)[:24]  # this tiny tokenizer spends many tokens on a prompt
         assert row[:len(ids)].tolist() == ids
-
-
-def _aligned_windows(tokenizer, seq_len: int) -> dict[tuple, int]:
-    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
-    return {tuple(ids[i:i + seq_len]): i for i in range(0, len(ids) - seq_len + 1, seq_len)}
 
 
 def test_reconstruction_rows_from_a_text_are_the_calibration_then_windows_no_probe_sees(tmp_path):

@@ -37,6 +37,10 @@ RECONSTRUCT_ROWS_COST = ("Measured on SmolLM2-135M at 0.2, 3 seeds, default reco
                          "against 115.5 with the 128 calibration rows (1.5%% lower), for 384 more rows of the "
                          "model's own text (13-21 minutes on 2 CPU cores) and a fit 4x as long (850-870 s "
                          "instead of 211 s) (README Results, 2026-12-07)")
+# Measured 2026-12-07 (README Results; benchmarks/results/recovery-samples-2026-12-07.json), same setup.
+RECOVER_ROWS_MEASURED = ("Measured on SmolLM2-135M at 0.2, 3 seeds: 512 gave WikiText-2 113.3 against 115.5 with "
+                         "128, one seed lower and two not (109.5/118.6/111.8 against 109.4/117.7/119.5), and 114.2 "
+                         "with 200 steps; chat unchanged; the 512 rows took 32 minutes, three prunes sharing 2 CPU cores")
 
 
 class _RatioAction(argparse.Action):
@@ -119,7 +123,7 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
                              "(self-text), half each; PATH: a text file or directory of .txt files; self+PATH: "
                              "self's two and the text, a third each (default %(default)s)")
     repair.add_argument("--recover-samples", type=int, default=defaults.recover_samples,
-                        help="sequences the recovery trains on (default %(default)s)")
+                        help=f"sequences the recovery trains on (default %(default)s). {RECOVER_ROWS_MEASURED}")
     repair.add_argument("--recover-seq-len", type=int, default=defaults.recover_seq_len,
                         help="tokens per recovery sequence: an instruction and the dense model's reply "
                              "(default %(default)s)")

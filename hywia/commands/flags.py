@@ -38,9 +38,10 @@ RECONSTRUCT_ROWS_COST = ("Measured on SmolLM2-135M at 0.2, 3 seeds, default reco
                          "model's own text (13-21 minutes on 2 CPU cores) and a fit 4x as long (850-870 s "
                          "instead of 211 s) (README Results, 2026-12-07)")
 # Measured 2026-12-07 (README Results; benchmarks/results/recovery-samples-2026-12-07.json), same setup.
-RECOVER_ROWS_MEASURED = ("Measured on SmolLM2-135M at 0.2, 3 seeds: 512 gave WikiText-2 113.3 against 115.5 with "
-                         "128, one seed lower and two not (109.5/118.6/111.8 against 109.4/117.7/119.5), and 114.2 "
-                         "with 200 steps; chat unchanged; the 512 rows took 32 minutes, three prunes sharing 2 CPU cores")
+RECOVER_ROWS_MEASURED = ("Measured on SmolLM2-135M at 0.2, 3 seeds, 50 steps: 512 gave WikiText-2 113.3 "
+                         "against 115.5 with 128, one seed lower and two not (109.5/118.6/111.8 against "
+                         "109.4/117.7/119.5), and 114.2 with 200 steps; chat within the usual spread (16 of 36); "
+                         "the 512 rows took 32 minutes, three prunes sharing 2 CPU cores")
 
 
 class _RatioAction(argparse.Action):

@@ -4,8 +4,8 @@ Two pieces, in pipeline order:
   * `recovery_batches`: token rows + a loss mask, from one or more sources mixed row by row in equal
     shares. `self-chat` = chat-formatted replies the dense model writes to varied instructions
     (hywia.recovery_prompts), loss on the reply tokens only; `self-text` = text the dense model writes
-    when it continues short openings by sampling (hywia.calibration.self_generated), every token
-    counts; `self` = both; a path = windows of plain text; `self+PATH` = self's two and the text.
+    when it continues encyclopedia and news openings by sampling (hywia.recovery_prompts.PROSE_OPENINGS
+    through hywia.calibration.self_generated), every token counts; `self` = both; a path = windows of plain text; `self+PATH` = self's two and the text.
   * `teacher_targets`: the dense model's top-k next-token log-probabilities at every position whose
     next token is trained on, which the pruned model is then distilled towards.
 """
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from hywia.calibration import read_text, self_generated, windows_from_text
 from hywia.errors import HywiaError
-from hywia.recovery_prompts import recovery_prompts
+from hywia.recovery_prompts import PROSE_OPENINGS, recovery_prompts
 from hywia.stopping import generate_unless_stopped, raise_if_stopped
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ SELF = "self"  # the dense model's chat replies and its own free text, half each
 SELF_CHAT = "self-chat"
 SELF_TEXT = "self-text"
 _MIX_PREFIX = "self+"
-# Own text is sampled from a seed of its own, so that it is not the calibration text again (the pruning
-# pass already fitted that) although it continues the same openings.
+# Own text is sampled from a seed of its own (it once continued the calibration's openings, and must not
+# be the calibration text again: the pruning pass already fitted that).
 _OWN_TEXT_SEED_OFFSET = 104_729
 
 
@@ -114,12 +114,11 @@ def text_windows(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -
 
 
 def own_text(tokenizer, dense_model, samples: int, seq_len: int, seed: int) -> RecoveryData:
-    """The dense model's sampled continuations of short openings (what `self` calibration uses, from
-    another seed): general text in the model's own distribution, so distillation on it restores
-    language modelling as a whole, where chat replies alone restore mostly chat. Every token but the
-    first of a row is trained on."""
+    """The dense model's sampled continuations of encyclopedia and news openings (PROSE_OPENINGS):
+    general prose in the model's own distribution, so distillation on it restores language modelling as
+    a whole, where chat replies alone restore mostly chat. Every token but the first of a row is trained on."""
     ids = self_generated(tokenizer, dense_model, samples, seq_len, seed + _OWN_TEXT_SEED_OFFSET,
-                         stage="recovery data (own text)")
+                         prompts=PROSE_OPENINGS, stage="recovery data (own text)")
     loss_mask = torch.ones_like(ids, dtype=torch.bool)
     loss_mask[:, 0] = False
     return RecoveryData(ids, torch.ones_like(ids), loss_mask, source=SELF_TEXT)

@@ -25,7 +25,7 @@ from hywia.recovery import (
     validate_recovery_options,
 )
 from hywia.recovery_data import recovery_batches, teacher_targets
-from hywia.recovery_prompts import recovery_prompts
+from hywia.recovery_prompts import PROSE_OPENINGS, recovery_prompts
 from hywia.stopping import PruningStopped, stop_requests
 from tests.conftest import REPO_ROOT
 from tests.tiny import save_tiny_model
@@ -176,6 +176,10 @@ def test_self_data_is_chat_replies_and_own_text_half_each(tmp_path):
                                                   seq_len=128, seed=0, progress=False)
     own = make("self-text", 2)
     assert own.source == "self-text" and own.loss_mask[:, 1:].all() and not own.loss_mask[:, 0].any()
+    # Own text continues the prose openings, in order, each row starting with its whole opening.
+    for row, opening in zip(own.input_ids, PROSE_OPENINGS):
+        opening_ids = loaded.tokenizer(opening).input_ids
+        assert row[:len(opening_ids)].tolist() == opening_ids
     chat = make("self-chat", 2)
     assert not chat.loss_mask[:, 1:].all(dim=1).any()  # the prompt of a chat row is never trained on
     both = make("self", 5)  # the remainder goes to the first source (chat): 3 chat rows, 2 own-text rows
@@ -250,8 +254,9 @@ def test_missing_peft_names_the_install(monkeypatch):
 
 def test_recovery_prompts_do_not_overlap_the_chat_check():
     questions = json.loads((REPO_ROOT / "benchmarks" / "data" / "chat_questions.json").read_text())["questions"]
-    prompts = recovery_prompts()
-    assert len(prompts) == len(set(prompts)) >= 400
+    assert len(recovery_prompts()) == len(set(recovery_prompts())) >= 400
+    assert len(PROSE_OPENINGS) == len(set(PROSE_OPENINGS)) >= 32
+    prompts = recovery_prompts() + list(PROSE_OPENINGS)
     normalised = {re.sub(r"\W+", " ", p.lower()).strip() for p in prompts}
     for item in questions:
         assert re.sub(r"\W+", " ", item["question"].lower()).strip() not in normalised

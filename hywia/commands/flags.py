@@ -36,12 +36,14 @@ RECOVERY_COST = ("about 4 s a step at rank 64 for SmolLM2-135M on 2 CPU cores, p
 RECONSTRUCT_ROWS_COST = ("Measured on SmolLM2-135M at 0.2, 3 seeds, default recovery: 512 gave WikiText-2 113.8 "
                          "against 115.5 with the 128 calibration rows (1.5%% lower), for 384 more rows of the "
                          "model's own text (13-21 minutes on 2 CPU cores) and a fit 4x as long (850-870 s "
-                         "instead of 211 s) (README Results, 2026-12-07)")
+                         "instead of 211 s) (README Results, 2026-12-07; with the earlier own-text openings of the "
+                         "recovery data)")
 # Measured 2026-12-07 (README Results; benchmarks/results/recovery-samples-2026-12-07.json), same setup.
 RECOVER_ROWS_MEASURED = ("Measured on SmolLM2-135M at 0.2, 3 seeds, 50 steps: 512 gave WikiText-2 113.3 "
                          "against 115.5 with 128, one seed lower and two not (109.5/118.6/111.8 against "
                          "109.4/117.7/119.5), and 114.2 with 200 steps; chat within the usual spread (16 of 36); "
-                         "the 512 rows took 32 minutes, three prunes sharing 2 CPU cores")
+                         "the 512 rows took 32 minutes, three prunes sharing 2 CPU cores. Measured with the earlier "
+                         "own-text openings: the prose openings alone took 128 rows to 113.0 (2026-12-07)")
 
 
 class _RatioAction(argparse.Action):
@@ -120,8 +122,8 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
     repair.add_argument("--recover-data", default=defaults.recover_data,
                         metavar="self|self-chat|self-text|PATH|self+PATH",
                         help="self: what the dense model writes, no dataset needed: its chat replies to built-in "
-                             "instructions (self-chat) and its sampled continuations of short openings "
-                             "(self-text), half each; PATH: a text file or directory of .txt files; self+PATH: "
+                             "instructions (self-chat) and its sampled continuations of encyclopedia and news "
+                             "openings (self-text), half each; PATH: a text file or directory of .txt files; self+PATH: "
                              "self's two and the text, a third each (default %(default)s)")
     repair.add_argument("--recover-samples", type=int, default=defaults.recover_samples,
                         help=f"sequences the recovery trains on (default %(default)s). {RECOVER_ROWS_MEASURED}")

@@ -4,7 +4,7 @@ Two pieces, in pipeline order:
   * `recovery_batches`: token rows + a loss mask, from one or more sources mixed row by row in equal
     shares. `self-chat` = chat-formatted replies the dense model writes to varied instructions
     (hywia.recovery_prompts), loss on the reply tokens only; `self-text` = text the dense model writes
-    when it continues encyclopedia and news openings by sampling (hywia.recovery_prompts.PROSE_OPENINGS
+    when it continues encyclopedia and news openings by sampling (hywia.calibration.PROSE_OPENINGS
     through hywia.calibration.self_generated), every token counts; `self` = both; a path = windows of plain text; `self+PATH` = self's two and the text.
   * `teacher_targets`: the dense model's top-k next-token log-probabilities at every position whose
     next token is trained on, which the pruned model is then distilled towards.
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hywia.calibration import read_text, self_generated, windows_from_text
+from hywia.calibration import PROSE_OPENINGS, read_text, self_generated, windows_from_text
 from hywia.errors import HywiaError
-from hywia.recovery_prompts import PROSE_OPENINGS, recovery_prompts
+from hywia.recovery_prompts import recovery_prompts
 from hywia.stopping import generate_unless_stopped, raise_if_stopped
 
 log = logging.getLogger(__name__)

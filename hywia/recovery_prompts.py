@@ -82,26 +82,6 @@ INSTRUCTIONS = (
     "Why do leaves change color in autumn?",
 )
 
-# Sentence starts of encyclopedia and news prose on many subjects, none naming a person, place or answer,
-# that the dense model continues by sampling to write recovery's own text. Against the calibration
-# openings (hywia.calibration.SELF_PROMPTS: a story, code, a letter, a poem, Q&A, ...) they took the
-# default 0.2 recovery of SmolLM2 on WikiText-2 from 109.4/117.7/119.5 to 107.2/116.1/115.6 and on PTB
-# from 180.4/190.1/202.7 to 170.8/184.6/199.4 (seeds 0/1/2, first 400 windows each), with chat at
-# 16/15/15 of 36 (2026-12-07, benchmarks/results/recovery-openings-2026-12-07.json). Pruning's own
-# calibration keeps SELF_PROMPTS.
-PROSE_OPENINGS = (
-    "The history of the city", "The river rises in the mountains", "The species was first described",
-    "The album was released", "The battle took place", "The cathedral was built", "He was born in a small village",
-    "She studied at the university", "The team finished the season", "The storm formed over the ocean",
-    "The game was developed by", "The railway line opened", "The novel tells the story of", "The election was held",
-    "The ship was launched", "The museum houses", "The school was founded", "The island has a population of",
-    "The company announced", "Shares of the company", "The government said", "The bridge spans",
-    "The festival takes place", "The mountain is the highest", "The painting shows", "The king died",
-    "The band was formed", "The film received", "The language is spoken", "The temple is located",
-    "The treaty was signed", "The disease is caused by",
-)
-
-
 def recovery_prompts() -> list[str]:
     """Every instruction: the topic questions (topic-major, so a prefix covers many topics) then the rest."""
     by_template = [template.format(topic=topic) for topic in TOPICS for template in TEMPLATES]

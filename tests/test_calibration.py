@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from hywia.calibration import (
+    CALIBRATION_OPENINGS,
     HELDOUT_PROMPTS,
+    PROSE_OPENINGS,
     SELF_PROMPTS,
     calibration_batch,
     heldout_batch,
@@ -36,12 +38,24 @@ def test_self_generated_rows_start_with_their_whole_prompt():
     tokenizer = tiny_tokenizer()
     model = tiny_model(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    lengths = {len(_prompt_ids(tokenizer, p)) for p in SELF_PROMPTS}
+    lengths = {len(_prompt_ids(tokenizer, p)) for p in CALIBRATION_OPENINGS}
     assert len(lengths) > 1  # the case that matters: a batch of prompts of different lengths
     rows = self_generated(tokenizer, model, 20, 48, seed=0, batch_size=8)
     assert rows.shape == (20, 48)
     for index, row in enumerate(rows):
-        prompt = _prompt_ids(tokenizer, SELF_PROMPTS[index % len(SELF_PROMPTS)])
+        prompt = _prompt_ids(tokenizer, CALIBRATION_OPENINGS[index % len(CALIBRATION_OPENINGS)])
+        assert row[:len(prompt)].tolist() == prompt
+
+
+def test_self_calibration_alternates_the_calibration_openings_and_the_prose_openings():
+    """`self` calibration continues SELF_PROMPTS and PROSE_OPENINGS in turn, half each, every one of both."""
+    assert set(CALIBRATION_OPENINGS[0::2]) == set(SELF_PROMPTS) and set(CALIBRATION_OPENINGS[1::2]) == set(PROSE_OPENINGS)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    rows = calibration_batch("self", tokenizer, model, 4, 32, seed=0)
+    for row, opening in zip(rows, (SELF_PROMPTS[0], PROSE_OPENINGS[0], SELF_PROMPTS[1], PROSE_OPENINGS[1])):
+        prompt = _prompt_ids(tokenizer, opening)
         assert row[:len(prompt)].tolist() == prompt
 
 
@@ -78,7 +92,7 @@ def test_heldout_from_a_text_with_no_spare_window_is_none(tmp_path):
 
 
 def test_heldout_self_text_uses_prompts_the_calibration_never_starts_with():
-    assert not {p for p in HELDOUT_PROMPTS if any(p.startswith(s) or s.startswith(p) for s in SELF_PROMPTS)}
+    assert not {p for p in HELDOUT_PROMPTS if any(p.startswith(s) or s.startswith(p) for s in CALIBRATION_OPENINGS)}
     tokenizer = tiny_tokenizer()
     model = tiny_model(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
@@ -128,7 +142,7 @@ def test_self_reconstruction_rows_are_new_continuations_of_the_calibration_openi
     rows = reconstruction_rows("self", tokenizer, model, used, 10, seed=0, heldout=8)
     assert rows.shape == (10, 24) and torch.equal(rows[:4], used)
     for index, row in enumerate(rows[4:]):
-        prompt = _prompt_ids(tokenizer, SELF_PROMPTS[index % len(SELF_PROMPTS)])
+        prompt = _prompt_ids(tokenizer, CALIBRATION_OPENINGS[index % len(CALIBRATION_OPENINGS)])
         assert row[:len(prompt)].tolist() == prompt
         if index < 4:  # same opening as calibration row `index`, another continuation
             assert not torch.equal(row, used[index])

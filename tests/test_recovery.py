@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from hywia.calibration import calibration_batch
+from hywia.calibration import PROSE_OPENINGS, calibration_batch
 from hywia.errors import HywiaError
 from hywia.models import load_model
 from hywia.pipeline import PruneOptions, prune_model
@@ -25,7 +25,7 @@ from hywia.recovery import (
     validate_recovery_options,
 )
 from hywia.recovery_data import recovery_batches, teacher_targets
-from hywia.recovery_prompts import PROSE_OPENINGS, recovery_prompts
+from hywia.recovery_prompts import recovery_prompts
 from hywia.stopping import PruningStopped, stop_requests
 from tests.conftest import REPO_ROOT
 from tests.tiny import save_tiny_model

@@ -1,5 +1,5 @@
-"""What the dense model is given to write recovery's `self` data (hywia.recovery_data): instructions it
-answers (`self-chat`) and prose openings it continues (`self-text`).
+"""What the dense model is given to answer for recovery's `self-chat` data (hywia.recovery_data): instructions.
+The prose openings its `self-text` continues live with the calibration's (hywia.calibration.PROSE_OPENINGS).
 
 Varied on purpose (explanations, lists, how-tos, rewriting, short verse, arithmetic, a few facts)
 so the pruned model relearns the dense model's chat behaviour in general, not one question type.

@@ -44,6 +44,12 @@ RECOVER_ROWS_MEASURED = ("Measured on SmolLM2-135M at 0.2, 3 seeds, 50 steps: 51
                          "109.4/117.7/119.5), and 114.2 with 200 steps; chat within the usual spread (16 of 36); "
                          "the 512 rows took 32 minutes, three prunes sharing 2 CPU cores. Measured with the earlier "
                          "own-text openings: the prose openings alone took 128 rows to 113.0 (2026-12-07)")
+# Measured 2026-12-07 (README Results; benchmarks/results/longer-budget-2026-12-07.json), up to five one-thread
+# processes on 2 shared CPU cores.
+LONGER_BUDGET_MEASURED = ("A longer budget, measured on SmolLM2-135M over 3 seeds: self+PATH (Gutenberg books) "
+                          "with --recover-steps 200 gave WikiText-2 92.1 at 0.2 and 252.2 at 0.5, against 98.6 and "
+                          "322.6 with the defaults; chat no better (two seeds); 200 steps took 15-36 minutes on 2 "
+                          "shared CPU cores")
 
 
 class _RatioAction(argparse.Action):
@@ -125,7 +131,7 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
                         help="self: what the dense model writes, no dataset needed: its chat replies to built-in "
                              "instructions (self-chat) and its sampled continuations of encyclopedia and news "
                              "openings (self-text), half each; PATH: a text file or directory of .txt files; self+PATH: "
-                             "self's two and the text, a third each (default %(default)s)")
+                             "self's two and the text, a third each (default %(default)s). " + LONGER_BUDGET_MEASURED)
     repair.add_argument("--recover-samples", type=int, default=defaults.recover_samples,
                         help=f"sequences the recovery trains on (default %(default)s). {RECOVER_ROWS_MEASURED}")
     repair.add_argument("--recover-seq-len", type=int, default=defaults.recover_seq_len,

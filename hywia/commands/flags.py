@@ -48,7 +48,7 @@ RECOVER_ROWS_MEASURED = ("Measured on SmolLM2-135M at 0.2, 3 seeds, 50 steps: 51
 # processes on 2 shared CPU cores.
 LONGER_BUDGET_MEASURED = ("A longer budget, measured on SmolLM2-135M over 3 seeds: self+PATH (Gutenberg books) "
                           "with --recover-steps 200 gave WikiText-2 92.1 at 0.2 and 252.2 at 0.5, against 98.6 and "
-                          "322.6 with the defaults; chat no better (two seeds); 200 steps took 15-36 minutes on 2 "
+                          "322.6 with the defaults; chat the same (14.3 of 36); 200 steps took 15-36 minutes on 2 "
                           "shared CPU cores")
 
 

@@ -44,12 +44,13 @@ RECOVER_ROWS_MEASURED = ("Measured on SmolLM2-135M at 0.2, 3 seeds, 50 steps: 51
                          "109.4/117.7/119.5), and 114.2 with 200 steps; chat within the usual spread (16 of 36); "
                          "the 512 rows took 32 minutes, three prunes sharing 2 CPU cores. Measured with the earlier "
                          "own-text openings: the prose openings alone took 128 rows to 113.0 (2026-12-07)")
-# Measured 2026-12-07 (README Results; benchmarks/results/longer-budget-2026-12-07.json), up to five one-thread
-# processes on 2 shared CPU cores.
+# Measured 2026-12-07 (README Results; benchmarks/results/longer-budget-2026-12-07.json and
+# longer-budget-rows-2026-12-07.json), up to five one-thread processes on 2 shared CPU cores.
 LONGER_BUDGET_MEASURED = ("A longer budget, measured on SmolLM2-135M over 3 seeds: self+PATH (Gutenberg books) "
                           "with --recover-steps 200 gave WikiText-2 92.1 at 0.2 and 252.2 at 0.5, against 98.6 and "
                           "322.6 with the defaults; chat the same (14.3 of 36); 200 steps took 15-36 minutes on 2 "
-                          "shared CPU cores")
+                          "shared CPU cores. With --recover-samples 384 --recover-steps 300 as well: 88.3 at 0.2 "
+                          "(chat 13.0 of 36), for 14 minutes of data and 32 of steps")
 
 
 class _RatioAction(argparse.Action):

@@ -50,7 +50,9 @@ LONGER_BUDGET_MEASURED = ("A longer budget, measured on SmolLM2-135M over 3 seed
                           "with --recover-steps 200 gave WikiText-2 92.1 at 0.2 and 252.2 at 0.5, against 98.6 and "
                           "322.6 with the defaults; chat the same (14.3 of 36); 200 steps took 15-36 minutes on 2 "
                           "shared CPU cores. With --recover-samples 384 --recover-steps 300 as well: 88.3 at 0.2 "
-                          "(chat 13.0 of 36), for 14 minutes of data and 32 of steps, three runs sharing 2 CPU cores")
+                          "(chat 13.0 of 36), for 14 minutes of data and 32 of steps, three runs sharing 2 CPU cores. "
+                          "PATH alone (1024 samples, 500 steps) gave no more (88.4) and one seed of three lost chat "
+                          "(1 of 36 answered): for a chat model keep self in the mix (self+PATH)")
 
 
 class _RatioAction(argparse.Action):

@@ -118,7 +118,7 @@ def safetensors_summary(directory: Path) -> dict:
     dtypes, params = set(), 0
     for path in files:
         with safe_open(path, "pt") as weights:
-            for name in weights.keys():
+            for name in weights.keys():  # noqa: SIM118 -- a safe_open handle is not a dict: it cannot be iterated
                 tensor = weights.get_slice(name)
                 dtypes.add(tensor.get_dtype())
                 numel = 1
@@ -186,37 +186,37 @@ def markdown(result: dict) -> str:
     lines = [
         "# Pruning memory (issue 15)",
         "",
-        f"Run {result['date']} on {result['machine']['cpus']} CPUs, {_gib(result['machine']['ram_bytes'])} RAM "
-        "(shared with other jobs: timings are indicative).",
+        (f"Run {result['date']} on {result['machine']['cpus']} CPUs, {_gib(result['machine']['ram_bytes'])} RAM "
+         "(shared with other jobs: timings are indicative)."),
         "",
         f"    {result['command']}",
         f"    # the child: {result['prune_command']}",
         "",
-        "Random TinyLlama-1.1B-shaped weights (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632), bf16 on disk, "
-        f"{result['source']['parameters']:,} parameters = {_gib(result['bf16_weight_bytes'])} of bf16 weights.",
+        ("Random TinyLlama-1.1B-shaped weights (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632), bf16 on disk, "
+         f"{result['source']['parameters']:,} parameters = {_gib(result['bf16_weight_bytes'])} of bf16 weights."),
         "",
         "| | value |",
         "|---|---|",
-        f"| peak RSS of the prune process (wait4) | {_gib(result['prune_peak_rss_bytes'])} = "
-        f"{result['peak_over_weights']:.2f}× the bf16 weights |",
+        (f"| peak RSS of the prune process (wait4) | {_gib(result['prune_peak_rss_bytes'])} = "
+         f"{result['peak_over_weights']:.2f}× the bf16 weights |"),
         f"| runtime baseline (imports only) | {_gib(result['baseline_peak_rss_bytes'])} |",
         f"| (peak − baseline) / weights | {result['slope_over_baseline']:.2f} |",
         f"| CPU seconds (user + system) | {result['prune_cpu_seconds']:.0f} |",
         f"| source on disk | {_gib(result['source']['bytes_on_disk'])}, {', '.join(result['source']['dtypes'])} |",
-        f"| export on disk | {_gib(result['export']['bytes_on_disk'])}, {', '.join(result['export']['dtypes'])} "
-        f"(config dtype {result['export']['config_dtype']}), {100 * result['ratio_achieved']:.1f}% of the parameters "
-        "removed |",
+        (f"| export on disk | {_gib(result['export']['bytes_on_disk'])}, {', '.join(result['export']['dtypes'])} "
+         f"(config dtype {result['export']['config_dtype']}), {100 * result['ratio_achieved']:.1f}% of the parameters "
+         "removed |"),
         "",
-        "Per stage (from the export's report; RSS peaks are the process's peak so far, so the stage where it "
-        "jumps is the one that set it):",
+        ("Per stage (from the export's report; RSS peaks are the process's peak so far, so the stage where it "
+         "jumps is the one that set it):"),
         "",
         "| stage | seconds | RSS at the end | peak RSS so far |",
         "|---|---|---|---|",
     ]
     lines += [f"| {name} | {stage['seconds']:.1f} | {_gib(stage['rss_bytes'])} | {_gib(stage['peak_rss_bytes'])} |"
               for name, stage in result["stages"].items()]
-    lines += ["", "Extrapolation (peak ≈ baseline + slope × bf16 weights; one layer's statistics is the least "
-              "a GPU must hold besides the weights):", "",
+    lines += ["", ("Extrapolation (peak ≈ baseline + slope × bf16 weights; one layer's statistics is the least "
+               "a GPU must hold besides the weights):"), "",
               "| model | parameters | bf16 weights | predicted CPU peak RSS | one layer's fp32 statistics |",
               "|---|---|---|---|---|"]
     lines += [f"| {name} | {row['parameters'] / 1e9:.2f} B | {_gib(row['bf16_weight_bytes'])} | "

@@ -140,7 +140,7 @@ def decode_speed(directory: Path, device: str, new_tokens: int) -> dict:
 
     run(min(8, new_tokens))
     seconds = run(new_tokens)
-    del model
+    model = None  # the weights go before the next model loads (`del` would unbind the name `run` reads)
     _empty_cache(device)
     return {"new_tokens": new_tokens, "seconds": seconds, "tokens_per_second": new_tokens / seconds}
 

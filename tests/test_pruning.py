@@ -156,7 +156,7 @@ def test_output_dir_with_foreign_files_is_never_overwritten(tmp_path, tiny_gqa_d
 
 def test_export_round_trip_with_stock_transformers(tmp_path, tiny_gqa_dir, calibration_file):
     loaded = load_model(str(tiny_gqa_dir))
-    plan, _ = prune_model(loaded, small_options(calibration_file), progress=False)
+    prune_model(loaded, small_options(calibration_file), progress=False)
     in_memory = logits(loaded.model)
     result = prune_to_directory(str(tiny_gqa_dir), small_options(calibration_file), tmp_path / "out", progress=False)
     files = {p.name for p in result.directory.iterdir()}
@@ -223,11 +223,12 @@ def test_cli_prune_exports_and_reports(tmp_path, tiny_gqa_dir, calibration_file)
     out = tmp_path / "export"
     done = subprocess.run([sys.executable, "-m", "hywia.cli", "prune", str(tiny_gqa_dir), "--recover", "none", "--ratio", "0.3",
                            "--calibration", calibration_file, "--samples", "4", "--seq-len", "32", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "30.0" in done.stdout and (out / "model.safetensors").is_file()
     refused = subprocess.run([sys.executable, "-m", "hywia.cli", "prune", str(tiny_gqa_dir), "--ratio", "1.5",
-                              "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+                              "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300,
+                             check=False)
     assert refused.returncode == 2 and "outside (0, 0.9]" in refused.stderr
     assert "Traceback" not in refused.stderr
 

@@ -82,7 +82,7 @@ def test_checkpoint_dtype_and_token_ids(tmp_path):
     assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
     assert tokenizer.eos_token == "<|eot_id|>" and tokenizer.chat_template is not None
     with safe_open(directory / "model.safetensors", "pt") as weights:
-        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}  # noqa: SIM118 -- safe_open is not a dict
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     logits = model(torch.tensor([tokenizer("Paris is").input_ids])).logits
     assert logits.shape[-1] == len(tokenizer) and torch.isfinite(logits).all()

@@ -69,7 +69,10 @@ def add_prune_arguments(parser, workload_flags: bool = False) -> None:
     defaults = PruneOptions()
     group = parser.add_argument_group("pruning")
     group.add_argument("--ratio", type=float, default=defaults.ratio, action=_RatioAction,
-                       help="fraction of the whole model's parameters to remove, in (0, 0.9] (default %(default)s)")
+                       help="fraction of the whole model's parameters to remove, in (0, 0.9] (default %(default)s). "
+                            "For a chat model, measured on SmolLM2-135M-Instruct (36 factual questions, 3 seeds, "
+                            "default pipeline): 0.1 kept 81%% of the dense model's right answers, 0.15 72%%, "
+                            "0.2 57%% (README, Results 2026-12-08)")
     group.add_argument("--importance", choices=CHOICES["importance"], default=defaults.importance,
                        help="importance criterion (default %(default)s)")
     group.add_argument("--calibration", default=defaults.calibration,
